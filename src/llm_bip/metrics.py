@@ -65,7 +65,12 @@ def make_metric(name: str, options: ScoreOptions) -> Metric:
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().double().norm(dim=0)
+    """Column L2 norms in float64 on the CPU, where calibration statistics live."""
+    return weight.detach().double().norm(dim=0).cpu()
+
+
+def _row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().double().pow(2).sum(1).cpu()
 
 
 def _per_head(values: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -147,14 +152,10 @@ class MagnitudeMetric(Metric):
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         hd = view.head_dim
-        q_rows = view.q.weight.detach().double().pow(2).sum(1)
+        q_rows = _row_sq_norms(view.q.weight)
         o_cols = _column_norms(view.o.weight).pow(2)
         heads = (_per_head(q_rows, hd) + _per_head(o_cols, hd)).sqrt()
-        ffn = (
-            view.gate.weight.detach().double().pow(2).sum(1)
-            + view.up.weight.detach().double().pow(2).sum(1)
-            + _column_norms(view.down.weight).pow(2)
-        )
+        ffn = _row_sq_norms(view.gate.weight) + _row_sq_norms(view.up.weight) + _column_norms(view.down.weight).pow(2)
         return UnitScores(heads=heads, channels=ffn.sqrt())
 
 

@@ -124,7 +124,9 @@ class Pruner:
         self.prunable = [i for i in range(len(self.views)) if i not in self.dense]
         self.metric: Metric = make_metric(config.method, config.score_options())
         self.alloc = config.allocation_options()
-        self.calib = calib
+        if calib is None and self.metric.needs_calibration:  # read and check the text before any long work
+            calib = calibration_ids(tokenizer, config.calibration, config.n_samples, config.seqlen, config.seed)
+        self.calib = calib if self.metric.needs_calibration else None
         self.log = PhaseLog()
         self.size_counts = allocate(self._all_units(self._placeholder_scores(), {}), self._total(), self.alloc)
 
@@ -139,11 +141,11 @@ class Pruner:
 
     def run(self) -> PruneResult:
         widths_before = [v.widths for v in self.views]
-        blocks_before = count_block_params(self.views)
+        blocks_before = self._total()
         model_before = sum(p.numel() for p in self.model.parameters())
         with self.log.phase("calibration_data"):
             inputs = self._calibration_inputs()
-        tokens = 0 if inputs is None else sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+        tokens = 0 if self.calib is None else self.calib.numel()
         if self.config.sequential and inputs is not None:
             with self.log.phase("scoring_and_surgery"):
                 scores, plans = self._prune_sequentially(inputs)
@@ -165,11 +167,8 @@ class Pruner:
                            self.log.phases, tokens)
 
     def _calibration_inputs(self) -> BlockInputs | None:
-        if not self.metric.needs_calibration:
-            return None
         if self.calib is None:
-            cfg = self.config
-            self.calib = calibration_ids(self.tokenizer, cfg.calibration, cfg.n_samples, cfg.seqlen, cfg.seed)
+            return None
         return capture_block_inputs(self.model, self.views[0].layer, self.calib, self.config.batch_size)
 
     def _all_units(self, scores: dict[int, UnitScores], norms: dict[int, float]) -> dict[int, BlockUnits]:
