@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 
@@ -97,6 +98,25 @@ class ModelAdapter:
         """Update the attributes the block's forward reads after its weights were resized."""
         view.attention.num_key_value_groups = widths.group_size
         view.mlp.intermediate_size = widths.intermediate_size
+
+    def check_compensation(self, config) -> None:
+        """Bias compensation needs o_proj/down_proj biases, which only Llama's config can declare
+        (``attention_bias``/``mlp_bias``; Mistral and Qwen2 hard-code them off)."""
+        from .errors import PruneError
+
+        if config.model_type != "llama":
+            raise PruneError(f"bias compensation needs output biases, which {config.model_type!r} models cannot "
+                             "hold in stock transformers; it is supported for llama models")
+
+    def add_output_biases(self, view: BlockView) -> None:
+        """Zero biases on every projection that lacks one (Llama's flags cover all four attention
+        and all three FFN projections), and the config flags that declare them."""
+        for linear in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down):
+            if linear.bias is None:
+                w = linear.weight
+                linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        view.attention.config.attention_bias = True
+        view.mlp.config.mlp_bias = True
 
     def allows_heads(self, hidden_size: int, num_heads: int) -> bool:
         """Whether transformers accepts this head count: its config validation (5.x) insists on

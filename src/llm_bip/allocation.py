@@ -23,7 +23,7 @@ class AllocationOptions:
     ratio: float
     allocation: str = "uniform"  # uniform | global
     gqa: str = "groups"  # groups | heads
-    normalize: str = "none"  # none | output: global scores relative to each block's ||y||
+    normalize: str = "none"  # none | output | zscore: see ranking_keys
     min_channels: float = 0.05  # fraction of FFN channels every block keeps
     round_to: int = 1  # kept FFN widths a multiple of this
 
@@ -151,20 +151,38 @@ def uniform_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total:
     return counts
 
 
+def ranking_keys(u: BlockUnits, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ranking keys of a block's attention units and channels (in removal order).
+
+    none: score per parameter; output: the same relative to the block's ||y||; zscore (FLAP):
+    scores standardised per block and module, compared without regard to size.
+    """
+    if normalize == "zscore":
+        return _zscore(u.attn_scores), _zscore(u.channel_scores)
+    if normalize not in ("none", "output"):
+        raise PruneError(f"unknown --normalize {normalize!r}; use none, output or zscore")
+    scale = u.output_norm if normalize == "output" else 1.0
+    return u.attn_scores / scale / u.attn_cost, u.channel_scores / scale / u.costs.channel
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    std = x.std() if x.numel() > 1 else x.new_tensor(0.0)
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
 def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
-    """Remove the units of least score per parameter across all blocks until the budget is met.
+    """Remove the units of least rank key across all blocks until the budget is met.
 
     Heads and channels compete in one ranking; within a block units go in score order, so the
-    greedy knapsack never removes a unit before a cheaper-per-score one of the same kind.
+    greedy knapsack never removes a unit before a lower-keyed one of the same kind.
     """
     candidates = []
     for i, u in units.items():
-        scale = u.output_norm if opts.normalize == "output" else 1.0
+        attn_keys, channel_keys = ranking_keys(u, opts.normalize)
         for lo, hi in zip(u.attn_counts, u.attn_counts[1:]):  # steps between allowed head counts
-            cost = (hi - lo) * u.attn_cost
-            candidates.append((float(u.attn_scores[lo:hi].sum()) / scale / cost, i, 0, hi - lo, cost))
+            candidates.append((float(attn_keys[lo:hi].mean()), i, 0, hi - lo, (hi - lo) * u.attn_cost))
         for k in range(u.max_channels_removed(opts)):
-            candidates.append((float(u.channel_scores[k]) / scale / u.costs.channel, i, 1, 1, u.costs.channel))
+            candidates.append((float(channel_keys[k]), i, 1, 1, u.costs.channel))
     candidates.sort(key=lambda c: c[0])
     target = opts.ratio * total
     counts = {i: [0, 0] for i in units}

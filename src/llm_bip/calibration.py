@@ -172,3 +172,23 @@ def collect_block_stats(view: BlockView, inputs: BlockInputs) -> tuple[BlockStat
     if not (torch.isfinite(stats.attn_sumsq).all() and torch.isfinite(stats.ffn_sumsq).all()):
         raise PruneError("calibration activations contain NaN or Inf; try float32 (--dtype float32)")
     return stats, outputs
+
+
+def accumulate_lm_gradients(model: nn.Module, weights: list[nn.Parameter], ids: torch.Tensor, batch_size: int) -> None:
+    """Sum of the language-model loss gradients over the calibration data, left in ``w.grad``
+    for the given weights only (every other parameter is frozen meanwhile)."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+        w.grad = None
+    device = next(model.parameters()).device
+    try:
+        for batch in ids.split(batch_size):
+            batch = batch.to(device)
+            loss = model(batch, labels=batch, use_cache=False).loss
+            (loss * batch.shape[0] / ids.shape[0]).backward()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)

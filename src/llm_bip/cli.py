@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import DEFAULT_MODEL, check_output_folder, load_model, save_model
 from .errors import PruneError
 from .evaluation import perplexity
-from .metrics import METRICS
+from .methods import METHODS
 from .profiling import PhaseLog
 from .pruner import SCORES_FILE, SUMMARY_FILE, PruneConfig, Pruner, save_scores
 
@@ -49,22 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of block parameters to remove")
-    p.add_argument("--method", default=d.method, choices=sorted(METRICS))
-    p.add_argument("--allocation", default=d.allocation, choices=["uniform", "global"])
+    p.add_argument("--method", default=d.method, choices=list(METHODS),
+                   help="scoring method; the options below left unset take the method's own choice")
+    p.add_argument("--allocation", choices=["uniform", "global"])
     p.add_argument("--gqa", default=d.gqa, choices=["groups", "heads"],
                    help="remove whole KV groups, or the same number of query heads from every group")
-    p.add_argument("--normalize", default=d.normalize, choices=["none", "output"],
-                   help="global allocation: scores relative to each block's output norm")
-    p.add_argument("--lipschitz", default=d.lipschitz, choices=["spectral", "certified", "none"],
+    p.add_argument("--normalize", choices=["none", "output", "zscore"],
+                   help="global ranking: score per parameter, relative to each block's output norm, or z-scores")
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="bias compensation of removed units' mean contribution (FLAP); llama models")
+    p.add_argument("--lipschitz", choices=["spectral", "certified", "none"],
                    help="FFN Lipschitz factor in head scores (spectral = the paper's)")
-    p.add_argument("--head-score", default=d.head_score, choices=["channels", "exact"],
+    p.add_argument("--head-score", choices=["channels", "exact"],
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
     p.add_argument("--sequential", action="store_true", help="score each block on already-pruned inputs")
     p.add_argument("--calibration", default=d.calibration, help="ptb, wikitext2, c4 or a .txt/.json/.jsonl file")
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--keep-dense", type=_int_list, default=[], help="layers left dense, e.g. 0,-1")
+    p.add_argument("--keep-dense", type=_int_list, help="layers left dense, e.g. 0,-1")
     p.add_argument("--min-channels", type=float, default=d.min_channels, help="fraction of FFN channels kept per layer")
     p.add_argument("--round-to", type=int, default=d.round_to, help="kept FFN widths a multiple of this")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> PruneConfig:
     return PruneConfig(
         ratio=args.ratio, method=args.method, allocation=args.allocation, gqa=args.gqa, normalize=args.normalize,
-        lipschitz=args.lipschitz, head_score=args.head_score, sequential=args.sequential,
+        compensate=args.compensate, lipschitz=args.lipschitz, head_score=args.head_score, sequential=args.sequential,
         calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen, batch_size=args.batch_size,
         keep_dense=args.keep_dense, min_channels=args.min_channels, round_to=args.round_to, seed=args.seed,
     )

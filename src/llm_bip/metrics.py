@@ -38,10 +38,12 @@ class ScoreOptions:
 
 
 class Metric:
-    """Base class: override :meth:`score`. ``needs_calibration`` = False skips the forward pass."""
+    """Base class: override :meth:`score`. ``needs_block_stats`` = False skips the forward pass;
+    ``needs_gradients`` = True makes the engine accumulate LM-loss gradients in ``.grad`` first."""
 
     name: str = ""
-    needs_calibration: bool = True
+    needs_block_stats: bool = True
+    needs_gradients: bool = False
 
     def __init__(self, options: ScoreOptions):
         self.options = options
@@ -148,7 +150,7 @@ class MagnitudeMetric(Metric):
     """L2 norm of all weights a unit owns (query rows + output columns; gate/up rows + down column)."""
 
     name = "magnitude"
-    needs_calibration = False
+    needs_block_stats = False
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         hd = view.head_dim
@@ -164,7 +166,7 @@ class RandomMetric(Metric):
     """Uniform random scores, seeded per block: the floor every method must beat."""
 
     name = "random"
-    needs_calibration = False
+    needs_block_stats = False
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         gen = torch.Generator().manual_seed(self.options.seed * 100_003 + index)
@@ -173,3 +175,54 @@ class RandomMetric(Metric):
             heads=torch.rand(widths.num_heads, generator=gen, dtype=torch.float64),
             channels=torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64),
         )
+
+
+def _abs_column_sums(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().double().abs().sum(0).cpu()
+
+
+@register_metric
+class WandaSpMetric(Metric):
+    """Wanda-sp: sum over the unit's output columns of |W[i, j]| * ||x_j||."""
+
+    name = "wanda-sp"
+
+    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+        heads = _per_head(_abs_column_sums(view.o.weight) * stats.attn_norms(), view.head_dim)
+        return UnitScores(heads=heads, channels=_abs_column_sums(view.down.weight) * stats.ffn_norms())
+
+
+@register_metric
+class FlapMetric(Metric):
+    """FLAP's fluctuation metric WIFV(j) = Var_tokens(x_j) * ||W[:, j]||^2 (heads: sum over channels)."""
+
+    name = "flap"
+
+    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+        attn_var = stats.attn_norms(centred=True).pow(2) / stats.tokens
+        ffn_var = stats.ffn_norms(centred=True).pow(2) / stats.tokens
+        heads = _per_head(attn_var * _column_norms(view.o.weight).pow(2), view.head_dim)
+        return UnitScores(heads=heads, channels=ffn_var * _column_norms(view.down.weight).pow(2))
+
+
+def _taylor(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum |w * dL/dw| along ``dim`` (1: per output row, 0: per input column)."""
+    if weight.grad is None:
+        raise PruneError("llm-pruner scores need gradients; none were accumulated")
+    return (weight.detach().double() * weight.grad.double()).abs().sum(dim).cpu()
+
+
+@register_metric
+class TaylorMetric(Metric):
+    """LLM-Pruner: first-order Taylor importance sum |w * dL/dw| over the unit's weights."""
+
+    name = "llm-pruner"
+    needs_gradients = True
+
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        hd, rep = view.head_dim, view.widths.group_size
+        q = _per_head(_taylor(view.q.weight, 1), hd) + _per_head(_taylor(view.o.weight, 0), hd)
+        kv = _per_head(_taylor(view.k.weight, 1) + _taylor(view.v.weight, 1), hd)
+        heads = q + kv.repeat_interleave(rep) / rep  # a K/V head's share split over its query heads
+        ffn = _taylor(view.gate.weight, 1) + _taylor(view.up.weight, 1) + _taylor(view.down.weight, 0)
+        return UnitScores(heads=heads, channels=ffn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from functools import partial
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -12,12 +12,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import BlockView, ModelAdapter, Widths, adapter_for
 from .allocation import AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units
-from .calibration import BlockInputs, capture_block_inputs, collect_block_stats, forward_block
+from .calibration import BlockInputs, accumulate_lm_gradients, capture_block_inputs, collect_block_stats, forward_block
 from .data import calibration_ids
 from .errors import PruneError
+from .methods import METHODS, method_defaults
 from .metrics import Metric, ScoreOptions, UnitScores, make_metric
 from .profiling import PhaseLog
-from .surgery import describe_widths, prune_block
+from .surgery import compensate_bias, describe_widths, prune_block
 
 
 @dataclass
@@ -26,20 +27,32 @@ class PruneConfig:
 
     ratio: float = 0.2
     method: str = "bip"
-    allocation: str = "uniform"
+    # None: the method's own choice (methods.py)
+    allocation: str | None = None
+    normalize: str | None = None
+    compensate: bool | None = None
+    keep_dense: list[int] | None = None
+    lipschitz: str | None = None
+    head_score: str | None = None
     gqa: str = "groups"
-    normalize: str = "none"
-    lipschitz: str = "spectral"
-    head_score: str = "channels"
     sequential: bool = False
     calibration: str = "ptb"
     n_samples: int = 64
     seqlen: int = 512
     batch_size: int = 8
-    keep_dense: list[int] = field(default_factory=list)
     min_channels: float = 0.05
     round_to: int = 1
     seed: int = 0
+
+    def resolved(self) -> "PruneConfig":
+        """A copy with every option left to the method filled in from the method's definition."""
+        defaults = method_defaults(self.method)
+        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None}
+        return replace(self, **chosen)
+
+    @property
+    def metric(self) -> str:
+        return METHODS[self.method]["metric"]
 
     def allocation_options(self) -> AllocationOptions:
         return AllocationOptions(
@@ -48,7 +61,8 @@ class PruneConfig:
         )
 
     def score_options(self) -> ScoreOptions:
-        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, seed=self.seed)
+        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, centred=self.compensate,
+                            seed=self.seed)
 
     def validate(self, num_layers: int) -> list[int]:
         """Check the options that need no model pass; return the indices of layers kept dense."""
@@ -59,7 +73,7 @@ class PruneConfig:
         if self.round_to < 1 or not 0 <= self.min_channels < 1:
             raise PruneError("--round-to must be >= 1 and --min-channels in [0, 1)")
         dense = set()
-        for i in self.keep_dense:
+        for i in self.keep_dense or []:
             if not -num_layers <= i < num_layers:
                 raise PruneError(f"--keep-dense layer {i} out of range for {num_layers} layers")
             dense.add(i % num_layers)
@@ -114,19 +128,26 @@ def count_block_params(views: list[BlockView]) -> int:
 
 
 class Pruner:
-    """One pruning run over a loaded model. ``run()`` prunes in place and returns the result."""
+    """One pruning run over a loaded model. Construction checks every option (and reads the
+    calibration text); ``run()`` prunes in place and returns the result."""
 
     def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None):
+        config = config.resolved()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.adapter: ModelAdapter = adapter_for(model.config)
         self.views = [self.adapter.block(model, i) for i in range(len(self.adapter.layers(model)))]
         self.dense = config.validate(len(self.views))
         self.prunable = [i for i in range(len(self.views)) if i not in self.dense]
-        self.metric: Metric = make_metric(config.method, config.score_options())
+        self.metric: Metric = make_metric(config.metric, config.score_options())
+        if config.compensate:
+            self.adapter.check_compensation(model.config)
         self.alloc = config.allocation_options()
-        if calib is None and self.metric.needs_calibration:  # read and check the text before any long work
+        self.collect_stats = self.metric.needs_block_stats or config.compensate
+        needs_data = self.collect_stats or self.metric.needs_gradients
+        if calib is None and needs_data:
             calib = calibration_ids(tokenizer, config.calibration, config.n_samples, config.seqlen, config.seed)
-        self.calib = calib if self.metric.needs_calibration else None
+        self.calib = calib if needs_data else None
+        self.means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.log = PhaseLog()
         self.size_counts = allocate(self._all_units(self._placeholder_scores(), {}), self._total(), self.alloc)
 
@@ -140,34 +161,50 @@ class Pruner:
                 for i, v in enumerate(self.views)}
 
     def run(self) -> PruneResult:
+        model_before = sum(p.numel() for p in self.model.parameters())
+        if self.config.compensate:  # zero biases first, so budgets count the parameters that will exist
+            for view in self.views:
+                self.adapter.add_output_biases(view)
         widths_before = [v.widths for v in self.views]
         blocks_before = self._total()
-        model_before = sum(p.numel() for p in self.model.parameters())
-        with self.log.phase("calibration_data"):
-            inputs = self._calibration_inputs()
-        tokens = 0 if self.calib is None else self.calib.numel()
-        if self.config.sequential and inputs is not None:
-            with self.log.phase("scoring_and_surgery"):
-                scores, plans = self._prune_sequentially(inputs)
-        else:
-            with self.log.phase("scoring"):
-                scores, norms, _ = self._score_blocks(inputs)
-            with self.log.phase("surgery"):
-                units = self._all_units(scores, norms)
-                counts = allocate(units, blocks_before, self.alloc)
-                plans = {i: select_units(units[i], *counts[i]) for i in self.prunable}
-                for i, plan in plans.items():
-                    prune_block(self.adapter, self.views[i], plan)
+        if self.metric.needs_gradients:
+            with self.log.phase("gradients"):
+                accumulate_lm_gradients(self.model, self._block_weights(), self.calib, self.config.batch_size)
+        try:
+            plans, scores = self._prune()
+        finally:
+            for weight in self._block_weights():
+                weight.grad = None
         describe_widths(self.model.config, [v.widths for v in self.views])
         params = {
-            "blocks_before": blocks_before, "blocks_after": count_block_params(self.views),
+            "blocks_before": blocks_before, "blocks_after": self._total(),
             "model_before": model_before, "model_after": sum(p.numel() for p in self.model.parameters()),
         }
+        tokens = 0 if self.calib is None else self.calib.numel()
         return PruneResult(self.config, widths_before, [v.widths for v in self.views], params, scores, plans,
                            self.log.phases, tokens)
 
+    def _prune(self) -> tuple[dict[int, LayerPlan], dict[int, UnitScores]]:
+        with self.log.phase("calibration_data"):
+            inputs = self._calibration_inputs()
+        if self.config.sequential and inputs is not None:
+            with self.log.phase("scoring_and_surgery"):
+                return self._prune_sequentially(inputs)
+        with self.log.phase("scoring"):
+            scores, norms, _ = self._score_blocks(inputs)
+        with self.log.phase("surgery"):
+            units = self._all_units(scores, norms)
+            counts = allocate(units, self._total(), self.alloc)
+            plans = {i: select_units(units[i], *counts[i]) for i in self.prunable}
+            for i, plan in plans.items():
+                self._cut(i, plan)
+        return plans, scores
+
+    def _block_weights(self) -> list[torch.nn.Parameter]:
+        return [m.weight for v in self.views for m in (v.q, v.k, v.v, v.o, v.gate, v.up, v.down)]
+
     def _calibration_inputs(self) -> BlockInputs | None:
-        if self.calib is None:
+        if not self.collect_stats:
             return None
         return capture_block_inputs(self.model, self.views[0].layer, self.calib, self.config.batch_size)
 
@@ -178,6 +215,11 @@ class Pruner:
         view = self.views[i]
         allowed = partial(self.adapter.allows_heads, view.hidden_size)
         return block_units(view.widths, BlockCosts.of(view), scores, self.alloc.gqa, allowed, output_norm)
+
+    def _cut(self, i: int, plan: LayerPlan) -> None:
+        if self.config.compensate:
+            compensate_bias(self.views[i], plan, *self.means[i])
+        prune_block(self.adapter, self.views[i], plan)
 
     def _score_blocks(self, inputs: BlockInputs | None, counts: dict[int, tuple[int, int]] | None = None):
         """Score every prunable block on its calibration inputs, in one pass down the stack.
@@ -192,9 +234,11 @@ class Pruner:
             if i in self.prunable:
                 scores[i] = self.metric.score(view, stats, i)
                 norms[i] = stats.output_norm if stats is not None else 1.0
+                if stats is not None:
+                    self.means[i] = (stats.attn_mean(), stats.ffn_mean())
                 if counts is not None:
                     plans[i] = select_units(self._units(i, scores[i]), *counts[i])
-                    prune_block(self.adapter, view, plans[i])
+                    self._cut(i, plans[i])
                     outputs = forward_block(view.layer, inputs)
             inputs = outputs
         return scores, norms, plans
@@ -207,7 +251,7 @@ class Pruner:
             scores, norms, _ = self._score_blocks(inputs)
             counts = allocate(self._all_units(scores, norms), self._total(), self.alloc)
         scores, _, plans = self._score_blocks(inputs, counts)
-        return scores, plans
+        return plans, scores
 
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None):

@@ -44,6 +44,20 @@ def prune_block(adapter: ModelAdapter, view: BlockView, plan: LayerPlan) -> None
     adapter.set_widths(view, plan.widths)
 
 
+@torch.no_grad()
+def compensate_bias(view: BlockView, plan: LayerPlan, attn_mean: torch.Tensor, ffn_mean: torch.Tensor) -> None:
+    """FLAP's bias compensation: keep the mean contribution of the units about to be removed,
+    bias += W[:, removed] @ mean(x_removed), for o_proj and down_proj."""
+    removed_heads = sorted(set(range(view.widths.num_heads)) - set(plan.keep_heads))
+    removed_channels = sorted(set(range(view.widths.intermediate_size)) - set(plan.keep_channels))
+    for linear, cols, mean in ((view.o, head_channels(removed_heads, view.head_dim), attn_mean),
+                               (view.down, torch.tensor(removed_channels, dtype=torch.long), ffn_mean)):
+        if cols.numel():
+            w = linear.weight.detach().double()[:, cols.to(linear.weight.device)]
+            shift = w @ mean[cols].to(w.device)
+            linear.bias.add_(shift.to(linear.bias.dtype))
+
+
 def describe_widths(config, widths: list[Widths]) -> None:
     """Write the block sizes into a model config.
 

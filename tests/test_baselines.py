@@ -1,0 +1,151 @@
+"""Baseline metrics against hand-computed values, LLM-Pruner gradients against autograd,
+bias compensation, z-score ranking and method presets."""
+
+import copy
+
+import pytest
+import torch
+
+from llm_bip import PruneConfig, PruneError, prune
+from llm_bip.adapters import adapter_for
+from llm_bip.allocation import BlockCosts, block_units, ranking_keys
+from llm_bip.calibration import accumulate_lm_gradients, capture_block_inputs, collect_block_stats
+from llm_bip.metrics import ScoreOptions, UnitScores, make_metric
+from tiny_models import random_ids, tiny_model
+
+
+def block_inputs(model, ids):
+    """Block 0's view, inputs, stats, and the exact o_proj / down_proj inputs over all tokens."""
+    view = adapter_for(model.config).block(model, 0)
+    inputs = capture_block_inputs(model, view.layer, ids, batch_size=2)
+    seen = {"o": [], "down": []}
+    hooks = [view.o.register_forward_pre_hook(lambda _m, a: seen["o"].append(a[0].flatten(0, 1))),
+             view.down.register_forward_pre_hook(lambda _m, a: seen["down"].append(a[0].flatten(0, 1)))]
+    stats, outputs = collect_block_stats(view, inputs)
+    for h in hooks:
+        h.remove()
+    return view, inputs, stats, torch.cat(seen["o"]).double(), torch.cat(seen["down"]).double(), outputs
+
+
+@pytest.fixture
+def setup():
+    model = tiny_model("llama-gqa", layers=2, scale=5.0).double()
+    return model, *block_inputs(model, random_ids())
+
+
+def test_wanda_sp_by_hand(setup):
+    _, view, _, stats, x, a, _ = setup
+    s = make_metric("wanda-sp", ScoreOptions()).score(view, stats, 0)
+    w_o, w_d = view.o.weight.detach().double(), view.down.weight.detach().double()
+    per_col = w_o.abs().sum(0) * x.norm(dim=0)
+    assert torch.allclose(s.heads, per_col.view(-1, view.head_dim).sum(1), rtol=1e-6)
+    assert torch.allclose(s.channels, w_d.abs().sum(0) * a.norm(dim=0), rtol=1e-6)
+
+
+def test_flap_fluctuation_by_hand(setup):
+    _, view, _, stats, x, a, _ = setup
+    s = make_metric("flap", ScoreOptions()).score(view, stats, 0)
+    w_o, w_d = view.o.weight.detach().double(), view.down.weight.detach().double()
+    per_col = x.var(0, unbiased=False) * w_o.pow(2).sum(0)
+    assert torch.allclose(s.heads, per_col.view(-1, view.head_dim).sum(1), rtol=1e-6)
+    assert torch.allclose(s.channels, a.var(0, unbiased=False) * w_d.pow(2).sum(0), rtol=1e-6)
+
+
+def test_bip_centred_scores_use_centred_norms(setup):
+    _, view, _, stats, x, a, _ = setup
+    s = make_metric("bip", ScoreOptions(centred=True)).score(view, stats, 0)
+    w_d = view.down.weight.detach().double()
+    expected = (a - a.mean(0)).norm(dim=0) * w_d.norm(dim=0)
+    assert torch.allclose(s.channels, expected, rtol=1e-6)
+
+
+def test_llm_pruner_gradients_match_autograd():
+    model = tiny_model("llama-gqa", layers=2, scale=3.0).double()
+    ids = random_ids(4, 12)
+    reference = copy.deepcopy(model)
+    reference(ids, labels=ids).loss.backward()  # one full batch: the mean loss over all tokens
+    view = adapter_for(model.config).block(model, 1)
+    weights = [m.weight for m in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down)]
+    accumulate_lm_gradients(model, weights, ids, batch_size=2)  # two equal batches
+    ref = adapter_for(reference.config).block(reference, 1)
+    assert torch.allclose(view.gate.weight.grad, ref.gate.weight.grad, rtol=1e-6, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.model.embed_tokens.weight.grad is None  # only block weights were traced
+    s = make_metric("llm-pruner", ScoreOptions()).score(view, None, 1)
+    wg = lambda m: (m.weight * m.weight.grad).abs().detach()  # noqa: E731
+    j = 7
+    expected = wg(ref.gate)[j].sum() + wg(ref.up)[j].sum() + wg(ref.down)[:, j].sum()
+    assert float(s.channels[j]) == pytest.approx(float(expected), rel=1e-6)
+    hd = view.head_dim  # head 0 owns q rows 0..hd, o cols 0..hd and a third of K/V head 0 (n_rep = 3)
+    kv = wg(ref.k)[:hd].sum() + wg(ref.v)[:hd].sum()
+    expected_head = wg(ref.q)[:hd].sum() + wg(ref.o)[:, :hd].sum() + kv / 3
+    assert float(s.heads[0]) == pytest.approx(float(expected_head), rel=1e-6)
+
+
+def test_compensation_keeps_mean_block_output():
+    """FFN channels only (the ratio is too small to take a KV group): the compensated block's
+    output has the dense block's mean over the calibration tokens; uncompensated it does not."""
+    ids = random_ids()
+    dense = tiny_model("llama-gqa-bias", layers=2, scale=5.0).double()
+    view, inputs, *_, dense_out = block_inputs(dense, ids)
+    means = {}
+    for compensate in (True, False):
+        model = copy.deepcopy(dense)
+        _, result = prune(model, None, PruneConfig(ratio=0.04, compensate=compensate, keep_dense=[1]), calib=ids)
+        assert result.widths_after[0].num_heads == 6 and result.widths_after[0].intermediate_size < 64
+        layer = adapter_for(model.config).block(model, 0).layer
+        with torch.no_grad():
+            means[compensate] = torch.cat([layer(h, **kw) for h, kw in inputs]).flatten(0, 1).mean(0)
+    target = torch.cat([o for o, _ in dense_out]).flatten(0, 1).mean(0)
+    assert torch.allclose(means[True], target, atol=1e-10)
+    assert not torch.allclose(means[False], target, atol=1e-4)
+
+
+def test_compensation_adds_biases_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llm_bip import save_model
+
+    model = tiny_model("llama-gqa", scale=5.0)
+    ids = random_ids()
+    prune(model, None, PruneConfig(ratio=0.3, method="flap", allocation="uniform"), calib=ids)
+    assert model.config.attention_bias and model.config.mlp_bias
+    assert model.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+    save_model(model, None, tmp_path / "out", overwrite=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert (reloaded(ids).logits - model(ids).logits).abs().max() < 1e-5
+
+
+def test_compensation_refused_where_biases_cannot_exist():
+    with pytest.raises(PruneError, match="output biases"):
+        prune(tiny_model("qwen2-gqa"), None, PruneConfig(ratio=0.2, method="flap"))
+
+
+def test_zscore_keys_are_standardised_per_module():
+    scores = UnitScores(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), torch.arange(64, dtype=torch.float64) * 10)
+    model = tiny_model("llama-gqa")
+    view = adapter_for(model.config).block(model, 0)
+    u = block_units(view.widths, BlockCosts.of(view), scores, "groups")
+    attn, channels = ranking_keys(u, "zscore")
+    assert torch.allclose(attn.mean(), torch.tensor(0.0, dtype=attn.dtype), atol=1e-12)
+    assert float(channels.std()) == pytest.approx(1.0)
+    per_param_attn, _ = ranking_keys(u, "none")
+    assert float(per_param_attn[0]) == pytest.approx((1 + 2 + 3) / u.attn_cost)
+
+
+def test_method_presets_and_overrides():
+    flap = PruneConfig(method="flap").resolved()
+    assert (flap.allocation, flap.normalize, flap.compensate) == ("global", "zscore", True)
+    assert PruneConfig(method="flap", allocation="uniform").resolved().allocation == "uniform"
+    assert PruneConfig(method="llm-pruner").resolved().keep_dense == [0, -1]
+    assert PruneConfig(method="bip").resolved().keep_dense == []
+    with pytest.raises(PruneError, match="unknown method"):
+        PruneConfig(method="nope").resolved()
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap", "llm-pruner", "bip-paper", "magnitude"])
+def test_every_method_prunes_to_the_ratio(method):
+    model = tiny_model("llama-gqa", layers=4, scale=5.0)
+    _, result = prune(model, None, PruneConfig(ratio=0.3, method=method), calib=random_ids())
+    assert abs(result.block_ratio - 0.3) < 0.02
+    assert model(random_ids()).logits.isfinite().all()
