@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import DEFAULT_MODEL, check_output_folder, load_model, save_model
+from .compare import CompareSpec, markdown_table, parse_method, run_compare, write_results
 from .errors import PruneError
 from .evaluation import perplexity
 from .methods import METHODS
@@ -74,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default="ptb", help="perplexity dataset before/after ('none' to skip)")
     _add_ppl_options(p, prefix="eval-")
 
+    c = sub.add_parser("compare", help="methods x ratios side by side: results.json, results.md, plot")
+    _add_model_options(c)
+    c.add_argument("--out", required=True, type=Path, help="results folder (written atomically)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--methods", default="bip,bip-paper,random,magnitude,wanda-sp,flap,llm-pruner",
+                   help="comma-separated; each 'name' or 'name:key=value;...' (PruneConfig fields), "
+                        "e.g. 'bip:allocation=global'")
+    c.add_argument("--ratios", default="0.2,0.5")
+    c.add_argument("--seqlens", default="128,512", help="perplexity window lengths")
+    c.add_argument("--ppl", default="ptb", help="comma-separated datasets or text files")
+    c.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    c.add_argument("--max-tokens", type=int, default=None, help="fixed subset: the first N tokens of the split")
+    c.add_argument("--calibration", default=d.calibration)
+    c.add_argument("--samples", type=int, default=d.n_samples)
+    c.add_argument("--calib-seqlen", type=int, default=d.seqlen)
+    c.add_argument("--batch-size", type=int, default=d.batch_size)
+    c.add_argument("--seed", type=int, default=d.seed)
+
     e = sub.add_parser("eval", help="perplexity of a (pruned) model")
     _add_model_options(e)
     e.add_argument("--ppl", default="ptb", help="comma-separated: ptb, wikitext2, c4 or text files")
@@ -133,6 +152,24 @@ def print_prune_report(summary: dict, out: Path) -> None:
     print(f"pruning took {summary['prune_wall_s']:.1f} s; wrote {out}")
 
 
+def cmd_compare(args) -> None:
+    check_output_folder(args.out, args.overwrite)
+    base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen, batch_size=args.batch_size, seed=args.seed)
+    spec = CompareSpec(
+        methods=[m.replace(";", ",") for m in args.methods.split(",") if m], base=base,
+        ratios=[float(r) for r in args.ratios.split(",")], seqlens=[int(s) for s in args.seqlens.split(",")],
+        datasets=[d for d in args.ppl.split(",") if d], split=args.split, max_tokens=args.max_tokens,
+    )
+    for method in spec.methods:  # fail on a bad spec before any long work
+        parse_method(method, base)[1].resolved()
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results = run_compare(model, tokenizer, spec)
+    results["model"] = args.model
+    write_results(results, args.out, args.overwrite)
+    print(markdown_table(results))
+    print(f"wrote {args.out}")
+
+
 def cmd_eval(args) -> None:
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     results = []
@@ -149,7 +186,7 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,164 @@
+"""Side-by-side benchmark: methods x ratios on one model, same engine, same calibration data.
+
+Each row prunes a fresh copy of the model and records perplexity at every window length, the
+pruning step's wall time and peak memory, and sizes. One plain forward pass over the same
+calibration data is timed too: the physical floor of a one-pass method, so every method's
+cost is also given as a ratio to it. Writes results.json, results.md and ppl_vs_ratio.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_folder
+from .data import calibration_ids
+from .errors import PruneError
+from .evaluation import perplexity
+from .profiling import PhaseLog
+from .pruner import PruneConfig, Pruner, library_versions
+
+CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
+
+
+@dataclass
+class CompareSpec:
+    methods: list[str]
+    ratios: list[float]
+    seqlens: list[int] = field(default_factory=lambda: [128, 512])
+    datasets: list[str] = field(default_factory=lambda: ["ptb"])
+    split: str = "test"
+    max_tokens: int | None = None
+    base: PruneConfig = field(default_factory=PruneConfig)
+
+
+def parse_method(spec: str, base: PruneConfig) -> tuple[str, PruneConfig]:
+    """'name' or 'name:key=value,key=value' -> (label, config); e.g. 'bip:allocation=global'.
+    Layer lists use '/': 'llm-pruner:keep_dense=0/-1' ('keep_dense=' for none)."""
+    name, _, options = spec.partition(":")
+    overrides: dict = {"method": name}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in CONFIG_FIELDS:
+            raise PruneError(f"bad method option {item!r} in {spec!r}; use key=value with keys from PruneConfig")
+        overrides[key] = [int(x) for x in value.split("/") if x] if key == "keep_dense" else _parse_value(value)
+    return spec, PruneConfig(**{**base.__dict__, **overrides})
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@torch.no_grad()
+def forward_floor(model, calib: torch.Tensor, batch_size: int) -> dict:
+    """Wall time and peak memory of one plain forward pass over the calibration data."""
+    log = PhaseLog()
+    device = next(model.parameters()).device
+    with log.phase("forward"):
+        for batch in calib.split(batch_size):
+            model(batch.to(device), use_cache=False)
+    return log.phases["forward"]
+
+
+def evaluate(model, tokenizer, spec: CompareSpec) -> dict[str, dict]:
+    return {
+        f"{dataset}@{seqlen}": perplexity(model, tokenizer, dataset, spec.split, seqlen, spec.max_tokens).as_dict()
+        for dataset in spec.datasets for seqlen in spec.seqlens
+    }
+
+
+def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
+    """Every (method, ratio) row plus the dense row; nothing is written here."""
+    base = spec.base
+    calib = calibration_ids(tokenizer, base.calibration, base.n_samples, base.seqlen, base.seed)
+    grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
+            for label, config in map(partial(parse_method, base=base), spec.methods) for ratio in spec.ratios]
+    for _, config in grid:  # every option and budget checked before the long part
+        Pruner(model, tokenizer, config, calib)
+    floor = forward_floor(model, calib, base.batch_size)
+    rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
+             "params_model": sum(p.numel() for p in model.parameters())}]
+    for label, config in grid:
+        pruned = copy.deepcopy(model)
+        start = time.perf_counter()
+        result = Pruner(pruned, tokenizer, config, calib).run()
+        wall = time.perf_counter() - start
+        rows.append({
+            "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),
+            "block_ratio": round(result.block_ratio, 6), "params_model": result.params["model_after"],
+            "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 2),
+            "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
+            "time_vs_forward": round(wall / floor["wall_s"], 2), "config": result.summary()["config"],
+        })
+        del pruned
+    return {"floor_forward": floor, "calibration_tokens": calib.numel(), "rows": rows,
+            "spec": {"methods": spec.methods, "ratios": spec.ratios, "seqlens": spec.seqlens,
+                     "datasets": spec.datasets, "split": spec.split, "max_tokens": spec.max_tokens},
+            "versions": library_versions()}
+
+
+def markdown_table(results: dict) -> str:
+    rows = results["rows"]
+    keys = list(rows[0]["ppl"])
+    head = ["method", "ratio", *[f"ppl {k}" for k in keys], "params", "prune s", "x forward", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['ratio']:.2f}", *[f"{r['ppl'][k]['ppl']:.2f}" for k in keys],
+                 f"{r['params_model']:,}", str(r.get("prune_wall_s", "-")), str(r.get("time_vs_forward", "-")),
+                 str(r.get("prune_peak_rss_mb", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = rows[0]["ppl"][keys[0]]
+    floor = results["floor_forward"]
+    lines.append("")
+    lines.append(f"Perplexity over {first['tokens']:,} scored tokens of {first['dataset']}/{first['split']} "
+                 f"(L={first['seqlen']}); one plain forward over the {results['calibration_tokens']:,} calibration "
+                 f"tokens took {floor['wall_s']} s (peak RSS {floor['peak_rss_mb']} MB).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Perplexity vs ratio, one line per method, log scale (first dataset and window length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    key = next(iter(rows[0]["ppl"]))
+    dense = rows[0]["ppl"][key]["ppl"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+        points = [(0.0, dense)] + [(r["ratio"], r["ppl"][key]["ppl"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of block parameters removed")
+    ax.set_ylabel(f"perplexity ({key})")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(results: dict, out: Path, overwrite: bool) -> None:
+    with atomic_folder(out, overwrite) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "results.md").write_text(markdown_table(results))
+        plot(results, tmp / "ppl_vs_ratio.png")

@@ -1,0 +1,48 @@
+"""The compare command end to end on a tiny model (the full table is a benchmark, not a test)."""
+
+import json
+
+import pytest
+
+from llm_bip.cli import main
+from llm_bip.compare import parse_method
+from llm_bip.errors import PruneError
+from llm_bip.pruner import PruneConfig
+
+
+def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(tiny_model_dir), "--out", str(out), "--methods",
+               "bip,random,wanda-sp,flap,llm-pruner:keep_dense=,bip:allocation=global;sequential=true",
+               "--ratios", "0.2,0.4", "--seqlens", "16,32", "--ppl", str(calib_text_file), "--split", "test",
+               "--calibration", str(calib_text_file), "--samples", "4", "--calib-seqlen", "16", "--batch-size", "2"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["method"] for r in rows][:3] == ["dense", "bip", "bip"]
+    assert len(rows) == 1 + 6 * 2
+    for r in rows:
+        assert set(r["ppl"]) == {f"{calib_text_file}@16", f"{calib_text_file}@32"}
+        assert all(v["ppl"] > 1 for v in r["ppl"].values())
+    for r in rows[1:]:
+        assert r["block_ratio"] == pytest.approx(r["ratio"], abs=0.03)
+        assert r["prune_wall_s"] > 0 and r["prune_peak_rss_mb"] > 0
+        floor = results["floor_forward"]["wall_s"]
+        assert r["time_vs_forward"] == pytest.approx(r["prune_wall_s"] / floor, rel=0.1, abs=0.05)
+    assert rows[-1]["config"]["sequential"] is True and rows[-1]["config"]["allocation"] == "global"
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 - 1  # header + rows (separator starts with '|-')
+    assert (out / "ppl_vs_ratio.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_method_specs():
+    label, config = parse_method("bip:allocation=global,compensate=true,keep_dense=0/-1", PruneConfig())
+    assert label.startswith("bip:") and config.allocation == "global" and config.compensate is True
+    assert config.keep_dense == [0, -1]
+    with pytest.raises(PruneError, match="bad method option"):
+        parse_method("bip:colour=red", PruneConfig())
+
+
+def test_compare_rejects_unknown_method_before_loading(tmp_path, capsys):
+    assert main(["compare", "does-not-matter", "--out", str(tmp_path / "x"), "--methods", "bip,nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
