@@ -28,7 +28,7 @@ def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
         assert r["block_ratio"] == pytest.approx(r["ratio"], abs=0.03)
         assert r["prune_wall_s"] > 0 and r["prune_peak_rss_mb"] > 0
         floor = results["floor_forward"]["wall_s"]
-        assert r["time_vs_forward"] == pytest.approx(r["prune_wall_s"] / floor, rel=0.1, abs=0.05)
+        assert r["time_vs_forward"] == pytest.approx(r["prune_wall_s"] / floor, rel=0.2, abs=0.1)
     assert rows[-1]["config"]["sequential"] is True and rows[-1]["config"]["allocation"] == "global"
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 - 1  # header + rows (separator starts with '|-')

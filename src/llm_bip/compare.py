@@ -103,9 +103,9 @@ def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
         rows.append({
             "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),
             "block_ratio": round(result.block_ratio, 6), "params_model": result.params["model_after"],
-            "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 2),
+            "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 3),
             "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
-            "time_vs_forward": round(wall / floor["wall_s"], 2), "config": result.summary()["config"],
+            "time_vs_forward": round(wall / max(floor["wall_s"], 1e-3), 2), "config": result.summary()["config"],
         })
         del pruned
     return {"floor_forward": floor, "calibration_tokens": calib.numel(), "rows": rows,
