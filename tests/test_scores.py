@@ -98,7 +98,7 @@ def test_random_and_magnitude_scores():
     assert torch.equal(a.channels, b.channels) and not torch.equal(a.channels, c.channels)
     mag = make_metric("magnitude", ScoreOptions()).score(view, None, 1)
     hd = view.head_dim
-    q0, o0 = view.q.weight[:hd], view.o.weight[:, :hd]
+    q0, o0 = view.q.weight[:hd].detach(), view.o.weight[:, :hd].detach()
     assert float(mag.heads[0]) == pytest.approx(float(torch.cat([q0.flatten(), o0.flatten()]).norm()), rel=1e-9)
-    ch = torch.cat([view.gate.weight[5], view.up.weight[5], view.down.weight[:, 5]])
+    ch = torch.cat([view.gate.weight[5], view.up.weight[5], view.down.weight[:, 5]]).detach()
     assert float(mag.channels[5]) == pytest.approx(float(ch.norm()), rel=1e-9)
