@@ -71,6 +71,18 @@ def test_exact_head_score_is_attention_output_change(variant, seed, scale):
         assert float(channel_sum[h]) >= expected * (1 - 1e-9)  # triangle inequality
 
 
+def test_centred_exact_head_score_is_change_after_compensation():
+    view, inputs, stats, _ = block_setup("llama-gqa-bias", 1, 7.0)
+    centred = make_metric("bip", ScoreOptions(lipschitz="none", head_score="exact", centred=True))
+    scores = centred.score(view, stats, 1).heads
+    x = torch.cat([_o_proj_input(view, h, kw) for h, kw in inputs]).flatten(0, 1).detach()
+    for h in range(view.widths.num_heads):
+        cols = head_channels([h], view.head_dim)
+        xh = x[:, cols] - x[:, cols].mean(0)
+        expected = float((xh @ view.o.weight[:, cols].T.detach()).norm())
+        assert float(scores[h]) == pytest.approx(expected, rel=1e-5)
+
+
 def _o_proj_input(view, hidden, kwargs):
     seen = []
     handle = view.o.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))

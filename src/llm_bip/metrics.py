@@ -117,6 +117,18 @@ def certified_head_bounds(view: BlockView, stats: BlockStats, eps: float) -> tor
     return (factor * deltas).pow(2).sum(0).sqrt()
 
 
+def exact_head_norms(view: BlockView, stats: BlockStats, centred: bool) -> torch.Tensor:
+    """||X_h W_O^h^T||_F per head; centred: ||(X_h - mean X_h) W_O^h^T||_F, the change left after
+    bias compensation (sum of squares minus tokens * ||mean contribution||^2)."""
+    sq = stats.per_token_head_norms().double().pow(2).sum(0)
+    if centred:
+        hd = view.head_dim
+        w = view.o.weight.detach().double().cpu().view(view.hidden_size, -1, hd)
+        mean_delta = torch.einsum("dhi,hi->hd", w, stats.attn_mean().view(-1, hd))
+        sq = sq - stats.tokens * mean_delta.pow(2).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
 @register_metric
 class BipMetric(Metric):
     """LLM-BIP: block-output change bounded through the residual and the FFN's Lipschitz constant."""
@@ -138,9 +150,7 @@ class BipMetric(Metric):
         if head_score not in ("channels", "exact"):
             raise PruneError(f"unknown --head-score {head_score!r}; use channels or exact")
         if head_score == "exact":
-            if self.options.centred:
-                raise PruneError("--head-score exact cannot be combined with bias compensation")
-            return stats.head_norms().double() * factor[lipschitz]()
+            return exact_head_norms(view, stats, self.options.centred) * factor[lipschitz]()
         per_channel = stats.attn_norms(self.options.centred) * _column_norms(view.o.weight)
         return _per_head(per_channel, view.head_dim) * factor[lipschitz]()
 
