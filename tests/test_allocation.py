@@ -43,7 +43,7 @@ def test_round_to_multiple():
 
 def test_every_layer_keeps_heads_and_channels():
     model = tiny_model("llama-gqa", layers=3, scale=5.0)
-    _, result = prune(model, None, PruneConfig(ratio=0.7, allocation="global", min_channels=0.1), calib=random_ids())
+    _, result = prune(model, None, PruneConfig(ratio=0.65, allocation="global", min_channels=0.1), calib=random_ids())
     for w in result.widths_after:
         assert w.num_heads >= 1 and w.num_kv_heads >= 1 and w.intermediate_size >= 7
         assert 48 % w.num_heads == 0  # transformers' config validation

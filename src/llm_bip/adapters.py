@@ -99,12 +99,15 @@ class ModelAdapter:
         view.attention.num_key_value_groups = widths.group_size
         view.mlp.intermediate_size = widths.intermediate_size
 
-    def check_compensation(self, config) -> None:
+    def supports_compensation(self, config) -> bool:
         """Bias compensation needs o_proj/down_proj biases, which only Llama's config can declare
         (``attention_bias``/``mlp_bias``; Mistral and Qwen2 hard-code them off)."""
+        return config.model_type == "llama"
+
+    def check_compensation(self, config) -> None:
         from .errors import PruneError
 
-        if config.model_type != "llama":
+        if not self.supports_compensation(config):
             raise PruneError(f"bias compensation needs output biases, which {config.model_type!r} models cannot "
                              "hold in stock transformers; it is supported for llama models")
 

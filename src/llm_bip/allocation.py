@@ -174,7 +174,9 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     """Remove the units of least rank key across all blocks until the budget is met.
 
     Heads and channels compete in one ranking; within a block units go in score order, so the
-    greedy knapsack never removes a unit before a lower-keyed one of the same kind.
+    greedy knapsack never removes a unit before a lower-keyed one of the same kind. A head unit
+    that would overshoot the budget by more than one channel is skipped, so the ratio obtained is
+    the ratio asked within one channel.
     """
     candidates = []
     for i, u in units.items():
@@ -185,15 +187,27 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
             candidates.append((float(channel_keys[k]), i, 1, 1, u.costs.channel))
     candidates.sort(key=lambda c: c[0])
     target = opts.ratio * total
+    slack = max(u.costs.channel for u in units.values())
     counts = {i: [0, 0] for i in units}
-    removed = 0
-    for _key, i, kind, n, cost in candidates:
+    removed, blocked, deferred = 0, set(), []
+    for candidate in candidates:
+        _key, i, kind, n, cost = candidate
+        if removed >= target:
+            break
+        if (i, kind) in blocked or removed + cost > target + slack:
+            blocked.add((i, kind))  # a coarse unit would overshoot: finer ones fill the rest first,
+            deferred.append(candidate)  # and later units of this block and kind wait behind it
+            continue
+        counts[i][kind] += n
+        removed += cost
+    for _key, i, kind, n, cost in deferred:  # only when finer units could not meet the budget
         if removed >= target:
             break
         counts[i][kind] += n
         removed += cost
     if removed < target:
-        raise PruneError(f"ratio {opts.ratio} would empty layers: at most {removed / total:.3f} can be removed")
+        raise PruneError(f"ratio {opts.ratio:.4g} would empty layers: at most {removed / total:.3f} of the block "
+                         "parameters can be removed with the per-layer minimums")
     return {i: (a, c) for i, (a, c) in counts.items()}
 
 

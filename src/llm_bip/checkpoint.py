@@ -141,7 +141,6 @@ def load_pruned(folder: str | Path, dtype: str = "float32"):
         layers = adapter.layers(model)
         for i, layer in enumerate(layers):
             layers[i] = type(layer)(config.per_layer_config[i], i)
-    config.allow_global_per_layer_attribute_access = False
     state = {}
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))

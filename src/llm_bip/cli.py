@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=["none", "output", "zscore"],
                    help="global ranking: score per parameter, relative to each block's output norm, or z-scores")
     p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
-                   help="bias compensation of removed units' mean contribution (FLAP); llama models")
+                   help="bias compensation of removed units' mean contribution (FLAP); llama models "
+                        "(bip: on where the architecture allows)")
     p.add_argument("--lipschitz", choices=["spectral", "certified", "none"],
                    help="FFN Lipschitz factor in head scores (spectral = the paper's)")
     p.add_argument("--head-score", choices=["channels", "exact"],

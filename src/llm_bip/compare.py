@@ -143,14 +143,16 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     key = next(iter(rows[0]["ppl"]))
     dense = rows[0]["ppl"][key]["ppl"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    colours = plt.get_cmap("tab20")(range(len(methods)))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for method, colour, marker in zip(methods, colours, "osD^v<>phX*" * 4):
         points = [(0.0, dense)] + [(r["ratio"], r["ppl"][key]["ppl"]) for r in rows if r["method"] == method]
-        ax.plot(*zip(*points), marker="o", label=method)
+        ax.plot(*zip(*points), marker=marker, color=colour, label=method)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of block parameters removed")
     ax.set_ylabel(f"perplexity ({key})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -15,8 +15,9 @@ BASE_DEFAULTS = {
 }
 
 METHODS: dict[str, dict] = {
-    "bip": {"metric": "bip"},
-    "bip-paper": {"metric": "bip", "lipschitz": "spectral", "head_score": "channels"},
+    # tuned on PTB valid (docs/tuning.md): exact head change, bias compensation where possible
+    "bip": {"metric": "bip", "head_score": "exact", "compensate": "auto"},
+    "bip-paper": {"metric": "bip", "lipschitz": "spectral", "head_score": "channels", "compensate": False},
     "random": {"metric": "random"},
     "magnitude": {"metric": "magnitude"},
     "wanda-sp": {"metric": "wanda-sp", "allocation": "uniform"},

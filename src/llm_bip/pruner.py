@@ -30,7 +30,7 @@ class PruneConfig:
     # None: the method's own choice (methods.py)
     allocation: str | None = None
     normalize: str | None = None
-    compensate: bool | None = None
+    compensate: bool | str | None = None  # "auto": where the architecture can hold output biases
     keep_dense: list[int] | None = None
     lipschitz: str | None = None
     head_score: str | None = None
@@ -133,8 +133,10 @@ class Pruner:
 
     def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None):
         config = config.resolved()
-        self.model, self.tokenizer, self.config = model, tokenizer, config
         self.adapter: ModelAdapter = adapter_for(model.config)
+        if config.compensate == "auto":
+            config = replace(config, compensate=self.adapter.supports_compensation(model.config))
+        self.model, self.tokenizer, self.config = model, tokenizer, config
         self.views = [self.adapter.block(model, i) for i in range(len(self.adapter.layers(model)))]
         self.dense = config.validate(len(self.views))
         self.prunable = [i for i in range(len(self.views)) if i not in self.dense]
@@ -149,7 +151,11 @@ class Pruner:
         self.calib = calib if needs_data else None
         self.means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.log = PhaseLog()
-        self.size_counts = allocate(self._all_units(self._placeholder_scores(), {}), self._total(), self.alloc)
+        self.size_counts = self._size_counts()
+
+    def _size_counts(self) -> dict[int, tuple[int, int]]:
+        """Per-block counts from sizes alone: checks the budget, and is the uniform allocation."""
+        return allocate(self._all_units(self._placeholder_scores(), {}), self._total(), self.alloc)
 
     def _total(self) -> int:
         return count_block_params(self.views)
@@ -162,11 +168,10 @@ class Pruner:
 
     def run(self) -> PruneResult:
         model_before = sum(p.numel() for p in self.model.parameters())
-        if self.config.compensate:  # zero biases first, so budgets count the parameters that will exist
-            for view in self.views:
-                self.adapter.add_output_biases(view)
         widths_before = [v.widths for v in self.views]
         blocks_before = self._total()
+        if self.config.compensate:
+            self._add_compensation_biases(blocks_before)
         if self.metric.needs_gradients:
             with self.log.phase("gradients"):
                 accumulate_lm_gradients(self.model, self._block_weights(), self.calib, self.config.batch_size)
@@ -183,6 +188,15 @@ class Pruner:
         tokens = 0 if self.calib is None else self.calib.numel()
         return PruneResult(self.config, widths_before, [v.widths for v in self.views], params, scores, plans,
                            self.log.phases, tokens)
+
+    def _add_compensation_biases(self, blocks_before: int) -> None:
+        """Zero biases on every projection (Llama's flags declare all of them at once), with the
+        budget raised by their size so the ratio obtained is still of the original blocks."""
+        for view in self.views:
+            self.adapter.add_output_biases(view)
+        keep = (1 - self.config.ratio) * blocks_before
+        self.alloc = replace(self.alloc, ratio=1 - keep / self._total())
+        self.size_counts = self._size_counts()
 
     def _prune(self) -> tuple[dict[int, LayerPlan], dict[int, UnitScores]]:
         with self.log.phase("calibration_data"):

@@ -65,6 +65,7 @@ def describe_widths(config, widths: list[Widths]) -> None:
     ``per_layer_config`` holds each block's sizes, the global fields stay at the widest block.
     """
     config.per_layer_config = None
+    config.allow_global_per_layer_attribute_access = False
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if len(set(widths)) == 1:
         for key, value in widths[0].as_config().items():
@@ -74,3 +75,6 @@ def describe_widths(config, widths: list[Widths]) -> None:
     for key, value in widest.as_config().items():
         setattr(config, key, value)
     config.per_layer_config = {i: w.as_config() for i, w in enumerate(widths)}
+    # transformers 5.x LlamaConfig.validate_architecture reads num_attention_heads globally, so a
+    # config whose head counts vary per layer can neither be saved nor loaded without this flag.
+    config.allow_global_per_layer_attribute_access = True
