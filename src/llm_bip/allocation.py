@@ -89,7 +89,8 @@ class LayerPlan:
 
     @classmethod
     def dense(cls, widths: Widths) -> "LayerPlan":
-        return cls(list(range(widths.num_heads)), list(range(widths.num_kv_heads)), list(range(widths.intermediate_size)))
+        w = widths
+        return cls(list(range(w.num_heads)), list(range(w.num_kv_heads)), list(range(w.intermediate_size)))
 
 
 def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,

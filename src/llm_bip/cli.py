@@ -155,7 +155,8 @@ def print_prune_report(summary: dict, out: Path) -> None:
 
 def cmd_compare(args) -> None:
     check_output_folder(args.out, args.overwrite)
-    base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen, batch_size=args.batch_size, seed=args.seed)
+    base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
+                       batch_size=args.batch_size, seed=args.seed)
     spec = CompareSpec(
         methods=[m.replace(";", ",") for m in args.methods.split(",") if m], base=base,
         ratios=[float(r) for r in args.ratios.split(",")], seqlens=[int(s) for s in args.seqlens.split(",")],

@@ -45,7 +45,10 @@ def _read_local_text(path: Path) -> str:
     if path.suffix not in (".json", ".jsonl"):
         return raw
     try:
-        records = json.loads(raw) if path.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
+        if path.suffix == ".json":
+            records = json.loads(raw)
+        else:
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise PruneError(f"{path}: not valid {path.suffix[1:].upper()} ({err.msg}, line {err.lineno})") from None
     return "\n\n".join(_record_text(r) for r in records)

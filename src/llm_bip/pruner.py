@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import platform
-from functools import partial
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
