@@ -145,6 +145,3 @@ def adapter_for(config) -> ModelAdapter:
         )
     return ADAPTERS[model_type]
 
-
-def num_blocks(model: nn.Module) -> int:
-    return len(adapter_for(model.config).layers(model))

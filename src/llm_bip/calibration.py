@@ -90,10 +90,6 @@ class BlockStats:
     def ffn_mean(self) -> torch.Tensor:
         return self.ffn_sum / self.tokens
 
-    def head_norms(self) -> torch.Tensor:
-        """||X_H^h W_O^h^T||_F per head: the exact change of the attention output."""
-        return self.per_token_head_norms().pow(2).sum(0).sqrt()
-
     def per_token_head_norms(self) -> torch.Tensor:
         return torch.cat(self.head_token_norms)
 
