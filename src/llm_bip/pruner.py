@@ -248,7 +248,7 @@ class Pruner:
             if i in self.prunable:
                 scores[i] = self.metric.score(view, stats, i)
                 norms[i] = stats.output_norm if stats is not None else 1.0
-                if stats is not None:
+                if self.config.compensate:
                     self.means[i] = (stats.attn_mean(), stats.ffn_mean())
                 if counts is not None:
                     plans[i] = select_units(self._units(i, scores[i]), *counts[i])
