@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, load_pruned, prune, save_model
 from llm_bip.checkpoint import load_model
+from llm_bip.pruner import SCORES_FILE, save_scores
 from tiny_models import random_ids, tiny_model
 
 VARIANTS = ["llama-mha", "llama-gqa", "llama-gqa-bias", "qwen2-gqa", "mistral-gqa"]
@@ -33,9 +34,12 @@ def test_uniform_widths_reload_with_stock_transformers(variant, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_per_layer_widths_reload_with_load_pruned(variant, tmp_path):
-    model = pruned(variant, "global")
+    model = tiny_model(variant, scale=5.0)
+    _, result = prune(model, None, PruneConfig(ratio=0.35, allocation="global", gqa="heads"), calib=random_ids())
     assert model.config.is_heterogeneous
-    save_model(model, None, tmp_path / "out", overwrite=False)
+    # the scores file the CLI writes next to the weights is not part of the model
+    save_model(model, None, tmp_path / "out", overwrite=False,
+               extras=lambda tmp: save_scores(tmp / SCORES_FILE, result.scores))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["per_layer_config"], "per-layer widths must be stored in transformers' own field"
     reloaded = load_pruned(tmp_path / "out")

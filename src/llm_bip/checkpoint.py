@@ -7,6 +7,7 @@ interrupted or failed run never leaves a folder that looks complete. Input files
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -126,6 +127,18 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors shards: those of the index when there is one (other .safetensors
+    files, such as llm-bip's scores, are not weights)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise PruneError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
 def load_pruned(folder: str | Path, dtype: str = "float32"):
     """Load a folder written by ``llm-bip prune``; per-layer widths come from ``per_layer_config``."""
     from accelerate import init_empty_weights
@@ -142,7 +155,7 @@ def load_pruned(folder: str | Path, dtype: str = "float32"):
         for i, layer in enumerate(layers):
             layers[i] = type(layer)(config.per_layer_config[i], i)
     state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in weight_files(folder):
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if config.tie_word_embeddings and "lm_head" in k}

@@ -7,15 +7,21 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
+from importlib.metadata import version
 from pathlib import Path
 
-from .checkpoint import DEFAULT_MODEL, check_output_folder, load_model, save_model
-from .compare import CompareSpec, markdown_table, parse_method, run_compare, write_results
+from .checkpoint import DEFAULT_MODEL, atomic_folder, check_output_folder, load_model, save_model
+from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .errors import PruneError
 from .evaluation import perplexity
+from .finetune import FinetuneConfig, finetune
 from .methods import METHODS
 from .profiling import PhaseLog
-from .pruner import SCORES_FILE, SUMMARY_FILE, PruneConfig, Pruner, save_scores
+from .pruner import SCORES_FILE, SUMMARY_FILE, PruneConfig, Pruner, library_versions, save_scores
+from .report import build_report
+from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
+from .zeroshot import EVAL_FILE, load_tasks, zero_shot, zero_shot_table
 
 
 def _int_list(text: str) -> list[int]:
@@ -94,12 +100,73 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=d.batch_size)
     c.add_argument("--seed", type=int, default=d.seed)
 
-    e = sub.add_parser("eval", help="perplexity of a (pruned) model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (pruned) model")
     _add_model_options(e)
-    e.add_argument("--ppl", default="ptb", help="comma-separated: ptb, wikitext2, c4 or text files")
+    e.add_argument("--ppl", default="ptb", help="comma-separated: ptb, wikitext2, c4 or text files ('none' to skip)")
     e.add_argument("--split", default="test", choices=["train", "valid", "test"])
     _add_ppl_options(e)
-    e.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. boolq,piqa,hellaswag "
+                                   "(hub data) or llm_bip_ptb_endings (shipped, offline)")
+    e.add_argument("--include-path", action="append", type=Path,
+                   help="folder of local lm_eval task YAMLs (repeatable); hub tasks need a reachable hub")
+    e.add_argument("--limit", type=int, help="score only the first N examples of each task (quick runs)")
+    e.add_argument("--num-fewshot", type=int, default=0)
+    e.add_argument("--batch-size", type=int, help="sequences per forward pass (default: zero-shot 8, "
+                                                  "perplexity 2048 tokens' worth of windows)")
+    e.add_argument("--out", type=Path, help=f"also write {EVAL_FILE} into this folder (written atomically)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    b = sub.add_parser("bench-speed", help="dense vs pruned speed side by side: MACs, prefill, decode, memory")
+    s = SpeedSettings()
+    b.add_argument("models", nargs="+", metavar="MODEL", help="models to measure; ratios are to the first")
+    b.add_argument("--out", required=True, type=Path, help="results folder (written atomically)")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--batch-sizes", default=",".join(map(str, s.batch_sizes)), help="prefill and decode batch sizes")
+    b.add_argument("--lengths", default=",".join(map(str, s.lengths)), help="prefill lengths in tokens")
+    b.add_argument("--decode-tokens", type=int, default=s.decode_tokens, help="timed greedy decode steps")
+    b.add_argument("--prompt-length", type=int, default=s.prompt_length, help="prompt tokens before decoding")
+    b.add_argument("--repeats", type=int, default=s.repeats, help="timed runs per setting (median, min, max)")
+    b.add_argument("--warmup", type=int, default=s.warmup, help="untimed runs per setting first")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--device", default=s.device, help="torch device, e.g. cpu, cuda")
+    b.add_argument("--dtype", default=s.dtype, choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--seed", type=int, default=s.seed, help="seed of the random token ids")
+
+    r = sub.add_parser("report", help="markdown + HTML report with tables and plots of a prune, finetune or eval run")
+    r.add_argument("run", type=Path, metavar="RUN",
+                   help="folder written by llm-bip prune, finetune, eval or bench-speed")
+    r.add_argument("--out", type=Path, metavar="DIR",
+                   help="report folder (default: RUN-report next to RUN; written atomically)")
+    r.add_argument("--speed", type=Path, metavar="DIR", help="a bench-speed output folder to include")
+    r.add_argument("--eval", type=Path, action="append", default=[], dest="evals", metavar="DIR",
+                   help="an eval output folder (or its JSON file) to include; repeatable")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    f = sub.add_parser("finetune", help="recovery fine-tuning: train LoRA adapters, merge them, write the model")
+    _add_model_options(f)
+    t = FinetuneConfig(data="")
+    f.add_argument("--data", required=True, help="training data: Alpaca-style .json/.jsonl records (instruction, "
+                   "optional input, output; loss on the response only) or plain .txt (packed windows)")
+    f.add_argument("--out", required=True, type=Path, help="output folder (written atomically); checkpoints go "
+                   "to the sibling OUT.checkpoints and are removed once the output is written")
+    f.add_argument("--overwrite", action="store_true", help="replace --out and discard an earlier run's checkpoints")
+    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints")
+    f.add_argument("--lora-r", type=int, default=t.lora_r, help="LoRA rank")
+    f.add_argument("--lora-alpha", type=int, default=t.lora_alpha, help="LoRA scale is alpha / r")
+    f.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
+    f.add_argument("--epochs", type=float, default=t.epochs)
+    f.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (linear decay to 0)")
+    f.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per process per step")
+    f.add_argument("--grad-accum", type=int, default=t.grad_accum, help="gradient accumulation steps")
+    f.add_argument("--seqlen", type=int, default=t.seqlen, help="tokens per example (longer ones are cut)")
+    f.add_argument("--save-steps", type=int, default=t.save_steps, help="checkpoint every N steps")
+    f.add_argument("--log-steps", type=int, default=t.log_steps, help="record the loss every N steps")
+    f.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep activations (faster, more memory)")
+    f.add_argument("--seed", type=int, default=t.seed)
+    f.add_argument("--eval", default=t.eval, help="perplexity dataset before/after ('none' to skip)")
+    _add_ppl_options(f, prefix="eval-")
     return parser
 
 
@@ -153,6 +220,13 @@ def print_prune_report(summary: dict, out: Path) -> None:
     print(f"pruning took {summary['prune_wall_s']:.1f} s; wrote {out}")
 
 
+def print_row(row: dict) -> None:
+    """One progress line per finished compare row (flushed: long runs are often logged to a file)."""
+    ppl = ", ".join(f"{key} {value['ppl']:.2f}" for key, value in row["ppl"].items())
+    cost = f", pruned in {row['prune_wall_s']} s" if "prune_wall_s" in row else ""
+    print(f"{row['method']} @ {row['ratio']:.2f}: {ppl}{cost}", flush=True)
+
+
 def cmd_compare(args) -> None:
     check_output_folder(args.out, args.overwrite)
     base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
@@ -165,22 +239,70 @@ def cmd_compare(args) -> None:
     for method in spec.methods:  # fail on a bad spec before any long work
         parse_method(method, base)[1].resolved()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    results = run_compare(model, tokenizer, spec)
+    results = run_compare(model, tokenizer, spec, on_row=print_row)
     results["model"] = args.model
     write_results(results, args.out, args.overwrite)
-    print(markdown_table(results))
+    print(results_table(results))
     print(f"wrote {args.out}")
 
 
 def cmd_eval(args) -> None:
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    results = []
-    for dataset in [d for d in args.ppl.split(",") if d]:
-        result = perplexity(model, tokenizer, dataset, args.split, args.seqlen, args.max_tokens)
-        print(result)
-        results.append(result.as_dict())
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "perplexity": results}, indent=2))
+    corpora = [] if args.ppl == "none" else [d for d in args.ppl.split(",") if d]
+    names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not corpora and not names:
+        raise PruneError("nothing to evaluate: pass --tasks, or --ppl other than none")
+    if args.out:
+        check_output_folder(args.out, args.overwrite)
+    log = PhaseLog()
+    tasks = {}
+    if names:
+        with log.phase("load_tasks"):  # before the model: a task that cannot run fails fast
+            tasks = load_tasks(names, args.include_path)
+    with log.phase("load"):
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+    summary = {"model": args.model, "dtype": args.dtype, "device": args.device, "perplexity": [], "zeroshot": None}
+    if corpora:
+        with log.phase("perplexity"):
+            for corpus in corpora:
+                result = perplexity(model, tokenizer, corpus, args.split, args.seqlen, args.max_tokens,
+                                    args.batch_size)
+                print(result)
+                summary["perplexity"].append(result.as_dict())
+    if tasks:
+        with log.phase("zero_shot"):
+            summary["zeroshot"] = zero_shot(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit,
+                                             num_fewshot=args.num_fewshot)
+        print(zero_shot_table(summary["zeroshot"]))
+    summary.update(versions={**library_versions(), "lm_eval": version("lm_eval")}, phases=log.phases)
+    if args.out:
+        with atomic_folder(args.out, args.overwrite) as tmp:
+            (tmp / EVAL_FILE).write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.out}")
+
+
+def cmd_bench_speed(args) -> None:
+    out = check_output_folder(args.out, args.overwrite)
+    settings = SpeedSettings(
+        batch_sizes=parse_sizes(args.batch_sizes, "--batch-sizes"), lengths=parse_sizes(args.lengths, "--lengths"),
+        decode_tokens=args.decode_tokens, prompt_length=args.prompt_length, repeats=args.repeats,
+        warmup=args.warmup, threads=args.threads, device=args.device, dtype=args.dtype, seed=args.seed,
+    )
+    results = bench_speed(args.models, settings, on_model=lambda row: print(
+        f"measured {row['model']}: {row['params']:,} parameters, peak {row['peak_memory_mb']:.0f} MB", flush=True))
+    write_speed(results, out, args.overwrite)
+    print(speed_table(results))
+    print(f"wrote {out}")
+
+
+def cmd_report(args) -> None:
+    out = build_report(args.run, args.out, args.speed, args.evals, args.overwrite)
+    print(f"wrote {out} (report.md, report.html)")
+
+
+def cmd_finetune(args) -> None:
+    names = {f.name for f in fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    finetune(args.model, args.out, config, args.device, args.dtype, args.overwrite, args.resume)
 
 
 def one_line(err: BaseException) -> str:
@@ -188,7 +310,8 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench-speed": cmd_bench_speed,
+            "report": cmd_report, "finetune": cmd_finetune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from .errors import PruneError
 from .evaluation import perplexity
 from .profiling import PhaseLog
 from .pruner import PruneConfig, Pruner, library_versions
+from .tables import markdown_table
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
 
@@ -84,8 +86,9 @@ def evaluate(model, tokenizer, spec: CompareSpec) -> dict[str, dict]:
     }
 
 
-def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
-    """Every (method, ratio) row plus the dense row; nothing is written here."""
+def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Every (method, ratio) row plus the dense row; ``on_row`` sees each row as it completes
+    (long runs report progress); nothing is written here."""
     base = spec.base
     calib = calibration_ids(tokenizer, base.calibration, base.n_samples, base.seqlen, base.seed)
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
@@ -93,8 +96,10 @@ def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
     for _, config in grid:  # every option and budget checked before the long part
         Pruner(model, tokenizer, config, calib)
     floor = forward_floor(model, calib, base.batch_size)
+    report = on_row or (lambda row: None)
     rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
              "params_model": sum(p.numel() for p in model.parameters())}]
+    report(rows[0])
     for label, config in grid:
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
@@ -107,6 +112,7 @@ def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
             "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
             "time_vs_forward": round(wall / max(floor["wall_s"], 1e-3), 2), "config": result.summary()["config"],
         })
+        report(rows[-1])
         del pruned
     return {"floor_forward": floor, "calibration_tokens": calib.numel(), "rows": rows,
             "spec": {"methods": spec.methods, "ratios": spec.ratios, "seqlens": spec.seqlens,
@@ -114,23 +120,19 @@ def run_compare(model, tokenizer, spec: CompareSpec) -> dict:
             "versions": library_versions()}
 
 
-def markdown_table(results: dict) -> str:
+def results_table(results: dict) -> str:
+    """Markdown: one row per (method, ratio) with perplexity, size and pruning cost, then a footnote."""
     rows = results["rows"]
     keys = list(rows[0]["ppl"])
     head = ["method", "ratio", *[f"ppl {k}" for k in keys], "params", "prune s", "x forward", "peak RSS MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["method"], f"{r['ratio']:.2f}", *[f"{r['ppl'][k]['ppl']:.2f}" for k in keys],
-                 f"{r['params_model']:,}", str(r.get("prune_wall_s", "-")), str(r.get("time_vs_forward", "-")),
-                 str(r.get("prune_peak_rss_mb", "-"))]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[r["method"], f"{r['ratio']:.2f}", *[f"{r['ppl'][k]['ppl']:.2f}" for k in keys], f"{r['params_model']:,}",
+              r.get("prune_wall_s", "-"), r.get("time_vs_forward", "-"), r.get("prune_peak_rss_mb", "-")] for r in rows]
     first = rows[0]["ppl"][keys[0]]
     floor = results["floor_forward"]
-    lines.append("")
-    lines.append(f"Perplexity over {first['tokens']:,} scored tokens of {first['dataset']}/{first['split']} "
-                 f"(L={first['seqlen']}); one plain forward over the {results['calibration_tokens']:,} calibration "
-                 f"tokens took {floor['wall_s']} s (peak RSS {floor['peak_rss_mb']} MB).")
-    return "\n".join(lines) + "\n"
+    note = (f"Perplexity over {first['tokens']:,} scored tokens of {first['dataset']}/{first['split']} "
+            f"(L={first['seqlen']}); one plain forward over the {results['calibration_tokens']:,} calibration "
+            f"tokens took {floor['wall_s']} s (peak RSS {floor['peak_rss_mb']} MB).")
+    return f"{markdown_table(head, cells)}\n\n{note}\n"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -162,5 +164,5 @@ def plot(results: dict, path: Path) -> None:
 def write_results(results: dict, out: Path, overwrite: bool) -> None:
     with atomic_folder(out, overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
-        (tmp / "results.md").write_text(markdown_table(results))
+        (tmp / "results.md").write_text(results_table(results))
         plot(results, tmp / "ppl_vs_ratio.png")
