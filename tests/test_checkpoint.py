@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, load_pruned, prune, save_model
 from llm_bip.checkpoint import load_model
-from llm_bip.pruner import SCORES_FILE, save_scores
+from llm_bip.scores import SCORES_FILE, save_scores
 from tiny_models import random_ids, tiny_model
 
 VARIANTS = ["llama-mha", "llama-gqa", "llama-gqa-bias", "qwen2-gqa", "mistral-gqa"]
@@ -39,7 +39,7 @@ def test_per_layer_widths_reload_with_load_pruned(variant, tmp_path):
     assert model.config.is_heterogeneous
     # the scores file the CLI writes next to the weights is not part of the model
     save_model(model, None, tmp_path / "out", overwrite=False,
-               extras=lambda tmp: save_scores(tmp / SCORES_FILE, result.scores))
+               extras=lambda tmp: save_scores(tmp / SCORES_FILE, result.record))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["per_layer_config"], "per-layer widths must be stored in transformers' own field"
     reloaded = load_pruned(tmp_path / "out")

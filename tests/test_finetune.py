@@ -23,7 +23,8 @@ from llm_bip.finetune import (
     FinetuneConfig, add_lora, alpaca_prompt, build_training_data, checkpoint_folder, finetune, loss_history, read_data,
     train, training_arguments,
 )
-from llm_bip.pruner import SCORES_FILE, SUMMARY_FILE, save_scores
+from llm_bip.pruner import SUMMARY_FILE
+from llm_bip.scores import SCORES_FILE, save_scores
 from test_cli_errors import assert_fails_cleanly, snapshot
 
 RECORDS = [
@@ -194,7 +195,7 @@ def test_per_layer_pruned_model_finetunes_and_reloads(tiny_model_dir, calib_text
     pruned = tmp_path / "pruned"
 
     def extras(folder: Path) -> None:
-        save_scores(folder / SCORES_FILE, result.scores)
+        save_scores(folder / SCORES_FILE, result.record)
         (folder / SUMMARY_FILE).write_text(json.dumps(result.summary()))
 
     save_model(model, tokenizer, pruned, overwrite=False, extras=extras)

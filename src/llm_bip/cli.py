@@ -18,7 +18,8 @@ from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
 from .methods import METHODS
 from .profiling import PhaseLog
-from .pruner import SCORES_FILE, SUMMARY_FILE, PruneConfig, Pruner, library_versions, save_scores
+from .pruner import SUMMARY_FILE, PruneConfig, Pruner, config_for_scores, library_versions
+from .scores import SCORES_FILE, load_scores, save_scores
 from .report import build_report
 from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
 from .zeroshot import EVAL_FILE, load_tasks, zero_shot, zero_shot_table
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="scoring method; the options below left unset take the method's own choice")
     p.add_argument("--allocation", choices=["uniform", "global"])
+    p.add_argument("--scores", type=Path, metavar="FILE",
+                   help=f"prune from an earlier run's {SCORES_FILE} (file or run folder): no data, no forward "
+                        "pass; its scoring settings are used, ratio and allocation options may change")
     p.add_argument("--gqa", default=d.gqa, choices=["groups", "heads"],
                    help="remove whole KV groups, or the same number of query heads from every group")
     p.add_argument("--normalize", choices=["none", "output", "zscore"],
@@ -182,10 +186,13 @@ def config_from_args(args) -> PruneConfig:
 def cmd_prune(args) -> None:
     out = check_output_folder(args.out, args.overwrite)
     config = config_from_args(args)
+    record = load_scores(args.scores) if args.scores else None
+    if record is not None:
+        config = config_for_scores(config, record)
     log = PhaseLog()
     with log.phase("load"):
         model, tokenizer = load_model(args.model, args.dtype, args.device)
-    pruner = Pruner(model, tokenizer, config)  # validates options before any long work
+    pruner = Pruner(model, tokenizer, config, record=record)  # validates options before any long work
     evals = {}
     if args.eval != "none":
         with log.phase("eval_dense"):
@@ -200,10 +207,11 @@ def cmd_prune(args) -> None:
         print(f"pruned: {evals['pruned']}")
     summary = result.summary()
     summary.update(model=args.model, dtype=args.dtype, device=args.device, prune_wall_s=round(prune_wall, 3),
-                   perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE)
+                   perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE,
+                   scores_from=str(args.scores) if args.scores else None)
 
     def extras(tmp: Path) -> None:
-        save_scores(tmp / SCORES_FILE, result.scores)
+        save_scores(tmp / SCORES_FILE, result.record)
         summary["phases"] = {**log.phases, **summary["phases"]}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 

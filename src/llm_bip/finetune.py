@@ -35,7 +35,8 @@ from .data import needs_bos, tokenize
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
-from .pruner import SCORES_FILE, SUMMARY_FILE, library_versions
+from .pruner import SUMMARY_FILE, library_versions
+from .scores import SCORES_FILE
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -18,6 +18,7 @@ from .errors import PruneError
 from .methods import METHODS, method_defaults
 from .metrics import Metric, ScoreOptions, UnitScores, make_metric
 from .profiling import PhaseLog
+from .scores import SCORING_FIELDS, ScoreRecord
 from .surgery import compensate_bias, describe_widths, prune_block
 
 
@@ -88,7 +89,7 @@ class PruneResult:
     widths_before: list[Widths]
     widths_after: list[Widths]
     params: dict[str, int]
-    scores: dict[int, UnitScores]
+    record: ScoreRecord
     plans: dict[int, LayerPlan]
     phases: dict[str, dict[str, float]]
     calibration_tokens: int
@@ -129,9 +130,11 @@ def count_block_params(views: list[BlockView]) -> int:
 
 class Pruner:
     """One pruning run over a loaded model. Construction checks every option (and reads the
-    calibration text); ``run()`` prunes in place and returns the result."""
+    calibration text); ``run()`` prunes in place and returns the result. Given the ``record`` of an
+    earlier run's scores, it prunes from them with no data and no forward pass."""
 
-    def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None):
+    def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None,
+                 record: ScoreRecord | None = None):
         config = config.resolved()
         self.adapter: ModelAdapter = adapter_for(model.config)
         if config.compensate == "auto":
@@ -144,14 +147,20 @@ class Pruner:
         if config.compensate:
             self.adapter.check_compensation(model.config)
         self.alloc = config.allocation_options()
+        self.record = record
+        if record is not None:
+            record.check_matches(self.scoring_settings(), [v.widths.as_dict() for v in self.views], self.prunable)
         self.collect_stats = self.metric.needs_block_stats or config.compensate
-        needs_data = self.collect_stats or self.metric.needs_gradients
+        needs_data = (self.collect_stats or self.metric.needs_gradients) and record is None
         if calib is None and needs_data:
             calib = calibration_ids(tokenizer, config.calibration, config.n_samples, config.seqlen, config.seed)
         self.calib = calib if needs_data else None
         self.means: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.log = PhaseLog()
         self.size_counts = self._size_counts()
+
+    def scoring_settings(self) -> dict:
+        return {k: getattr(self.config, k) for k in SCORING_FIELDS}
 
     def _size_counts(self) -> dict[int, tuple[int, int]]:
         """Per-block counts from sizes alone: checks the budget, and is the uniform allocation."""
@@ -172,11 +181,11 @@ class Pruner:
         blocks_before = self._total()
         if self.config.compensate:
             self._add_compensation_biases(blocks_before)
-        if self.metric.needs_gradients:
+        if self.metric.needs_gradients and self.record is None:
             with self.log.phase("gradients"):
                 accumulate_lm_gradients(self.model, self._block_weights(), self.calib, self.config.batch_size)
         try:
-            plans, scores = self._prune()
+            plans, scores, norms = self._prune()
         finally:
             for weight in self._block_weights():
                 weight.grad = None
@@ -186,7 +195,8 @@ class Pruner:
             "model_before": model_before, "model_after": sum(p.numel() for p in self.model.parameters()),
         }
         tokens = 0 if self.calib is None else self.calib.numel()
-        return PruneResult(self.config, widths_before, [v.widths for v in self.views], params, scores, plans,
+        record = ScoreRecord(scores, norms, self.means, self.scoring_settings(), [w.as_dict() for w in widths_before])
+        return PruneResult(self.config, widths_before, [v.widths for v in self.views], params, record, plans,
                            self.log.phases, tokens)
 
     def _add_compensation_biases(self, blocks_before: int) -> None:
@@ -198,21 +208,27 @@ class Pruner:
         self.alloc = replace(self.alloc, ratio=1 - keep / self._total())
         self.size_counts = self._size_counts()
 
-    def _prune(self) -> tuple[dict[int, LayerPlan], dict[int, UnitScores]]:
-        with self.log.phase("calibration_data"):
-            inputs = self._calibration_inputs()
-        if self.config.sequential and inputs is not None:
-            with self.log.phase("scoring_and_surgery"):
-                return self._prune_sequentially(inputs)
-        with self.log.phase("scoring"):
-            scores, norms, _ = self._score_blocks(inputs)
+    def _prune(self) -> tuple[dict[int, LayerPlan], dict[int, UnitScores], dict[int, float]]:
+        """(plans, scores, output norms) of the prunable blocks, which are cut in place."""
+        if self.record is not None:
+            scores = {i: self.record.scores[i] for i in self.prunable}
+            norms = {i: self.record.norms[i] for i in self.prunable}
+            self.means = {i: m for i, m in self.record.means.items() if i in scores}
+        else:
+            with self.log.phase("calibration_data"):
+                inputs = self._calibration_inputs()
+            if self.config.sequential and inputs is not None:
+                with self.log.phase("scoring_and_surgery"):
+                    return self._prune_sequentially(inputs)
+            with self.log.phase("scoring"):
+                scores, norms, _ = self._score_blocks(inputs)
         with self.log.phase("surgery"):
             units = self._all_units(scores, norms)
             counts = allocate(units, self._total(), self.alloc)
             plans = {i: select_units(units[i], *counts[i]) for i in self.prunable}
             for i, plan in plans.items():
                 self._cut(i, plan)
-        return plans, scores
+        return plans, scores, norms
 
     def _block_weights(self) -> list[torch.nn.Parameter]:
         return [m.weight for v in self.views for m in (v.q, v.k, v.v, v.o, v.gate, v.up, v.down)]
@@ -264,26 +280,23 @@ class Pruner:
         if self.alloc.allocation == "global":
             scores, norms, _ = self._score_blocks(inputs)
             counts = allocate(self._all_units(scores, norms), self._total(), self.alloc)
-        scores, _, plans = self._score_blocks(inputs, counts)
-        return plans, scores
+        scores, norms, plans = self._score_blocks(inputs, counts)
+        return plans, scores, norms
 
 
-def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None):
-    """Prune ``model`` in place; returns (model, PruneResult). Works on an already loaded model."""
-    result = Pruner(model, tokenizer, config or PruneConfig(), calib).run()
+def config_for_scores(config: PruneConfig, record: ScoreRecord) -> PruneConfig:
+    """``config`` with every scoring setting it leaves at its default taken from ``record`` (a
+    setting given explicitly must then agree with the record: the Pruner checks)."""
+    defaults = PruneConfig()
+    return replace(config, **{k: v for k, v in record.settings.items() if getattr(config, k) == getattr(defaults, k)})
+
+
+def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None,
+          record: ScoreRecord | None = None):
+    """Prune ``model`` in place; returns (model, PruneResult). Works on an already loaded model;
+    ``record`` (scores.load_scores) prunes from an earlier run's scores instead of scoring."""
+    result = Pruner(model, tokenizer, config or PruneConfig(), calib, record).run()
     return model, result
 
 
 SUMMARY_FILE = "llm_bip_summary.json"
-SCORES_FILE = "llm_bip_scores.safetensors"
-
-
-def save_scores(path, scores: dict[int, UnitScores]) -> None:
-    """Every unit's score, as ``layer{i}.heads`` / ``layer{i}.channels`` tensors."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for i, s in scores.items():
-        tensors[f"layer{i}.heads"] = s.heads.double().contiguous()
-        tensors[f"layer{i}.channels"] = s.channels.double().contiguous()
-    save_file(tensors, str(path))

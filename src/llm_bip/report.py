@@ -20,7 +20,8 @@ from safetensors.numpy import load_file
 
 from .checkpoint import atomic_folder, check_output_folder
 from .errors import PruneError
-from .pruner import SCORES_FILE, SUMMARY_FILE
+from .pruner import SUMMARY_FILE
+from .scores import SCORES_FILE
 from .speed import SPEED_FILE
 from .tables import markdown_table
 from .zeroshot import EVAL_FILE

@@ -1,0 +1,86 @@
+"""Saved scores: every unit's score plus what the cut needs besides (output norms for normalised
+ranking, calibration means for bias compensation), with the settings and widths they belong to.
+Pruning again from them at another ratio or allocation needs no data and no forward pass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import PruneError
+from .metrics import UnitScores
+
+SCORES_FILE = "llm_bip_scores.safetensors"
+METADATA_KEY = "llm_bip_scores"
+# PruneConfig fields that decide the scores; a re-prune must agree with the run that made them
+SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "calibration", "n_samples",
+                  "seqlen", "batch_size", "seed")
+
+
+@dataclass
+class ScoreRecord:
+    """Scores of the prunable layers of one model, and what pruning from them needs."""
+
+    scores: dict[int, UnitScores]
+    norms: dict[int, float]
+    means: dict[int, tuple[torch.Tensor, torch.Tensor]]  # (o_proj input, down_proj input) means
+    settings: dict  # the SCORING_FIELDS of the run
+    widths: list[dict]  # every layer's widths when scored
+
+    def check_matches(self, settings: dict, widths: list[dict], prunable: list[int]) -> None:
+        """Raise PruneError unless these scores are what a full run with ``settings`` would compute."""
+        differing = [f"{k} {self.settings.get(k)!r} (asked: {settings[k]!r})" for k in SCORING_FIELDS
+                     if self.settings.get(k) != settings[k]]
+        if differing:
+            raise PruneError("--scores were computed with other scoring settings: " + ", ".join(differing)
+                             + "; set the same options or recompute the scores")
+        if self.settings["sequential"]:
+            raise PruneError("--scores of a --sequential run depend on the ratio and cannot be reused")
+        if self.widths != widths:
+            raise PruneError("--scores belong to a model with other layer widths than this one")
+        missing = sorted(set(prunable) - set(self.scores))
+        if missing:
+            raise PruneError(f"--scores hold no scores for layers {missing} (kept dense when scored)")
+
+
+def save_scores(path: str | Path, record: ScoreRecord) -> None:
+    """``layer{i}.heads`` / ``.channels`` / ``.output_norm`` (and ``.attn_mean`` / ``.ffn_mean`` when
+    compensating) as float64 tensors; settings and widths in the file's metadata."""
+    tensors = {}
+    for i, s in record.scores.items():
+        tensors[f"layer{i}.heads"] = s.heads.double().contiguous()
+        tensors[f"layer{i}.channels"] = s.channels.double().contiguous()
+        tensors[f"layer{i}.output_norm"] = torch.tensor([record.norms[i]], dtype=torch.float64)
+    for i, (attn, ffn) in record.means.items():
+        tensors[f"layer{i}.attn_mean"] = attn.double().contiguous()
+        tensors[f"layer{i}.ffn_mean"] = ffn.double().contiguous()
+    metadata = {METADATA_KEY: json.dumps({"settings": record.settings, "widths": record.widths})}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_scores(path: str | Path) -> ScoreRecord:
+    """Read a scores file written by ``save_scores``; a clear PruneError for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCORES_FILE
+    if not path.is_file():
+        raise PruneError(f"--scores {path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})[METADATA_KEY])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, ValueError, OSError) as err:
+        raise PruneError(f"--scores {path}: not a scores file written by llm-bip prune ({err})") from None
+    layers = sorted({int(k.split(".")[0][5:]) for k in tensors if k.endswith(".heads")})
+    means = {i: (tensors[f"layer{i}.attn_mean"], tensors[f"layer{i}.ffn_mean"])
+             for i in layers if f"layer{i}.attn_mean" in tensors}
+    return ScoreRecord(
+        scores={i: UnitScores(tensors[f"layer{i}.heads"], tensors[f"layer{i}.channels"]) for i in layers},
+        norms={i: float(tensors[f"layer{i}.output_norm"]) for i in layers},
+        means=means, settings=meta["settings"], widths=meta["widths"],
+    )
