@@ -68,6 +68,14 @@ def calibration_text(n_words: int = 3000, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """Empty folder that holds the --out folder and nothing else."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Folder of a tiny random LLaMA model with tokenizer (treat as read-only: it is shared)."""

@@ -176,8 +176,9 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
 
     Heads and channels compete in one ranking; within a block units go in score order, so the
     greedy knapsack never removes a unit before a lower-keyed one of the same kind. A head unit
-    that would overshoot the budget by more than one channel is skipped, so the ratio obtained is
-    the ratio asked within one channel.
+    that would overshoot the budget by more than one channel is skipped; one that must still go
+    (finer units ran out) takes back the highest-keyed channels it makes unnecessary. So the ratio
+    obtained is the ratio asked within one channel.
     """
     candidates = []
     for i, u in units.items():
@@ -190,7 +191,7 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     target = opts.ratio * total
     slack = max(u.costs.channel for u in units.values())
     counts = {i: [0, 0] for i in units}
-    removed, blocked, deferred = 0, set(), []
+    removed, blocked, deferred, channels_taken = 0, set(), [], []
     for candidate in candidates:
         _key, i, kind, n, cost = candidate
         if removed >= target:
@@ -201,6 +202,8 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
             continue
         counts[i][kind] += n
         removed += cost
+        if kind == 1:
+            channels_taken.append((i, cost))
     for _key, i, kind, n, cost in deferred:  # only when finer units could not meet the budget
         if removed >= target:
             break
@@ -209,6 +212,10 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     if removed < target:
         raise PruneError(f"ratio {opts.ratio:.4g} would empty layers: at most {removed / total:.3f} of the block "
                          "parameters can be removed with the per-layer minimums")
+    while channels_taken and removed - channels_taken[-1][1] >= target:
+        i, cost = channels_taken.pop()
+        counts[i][1] -= 1
+        removed -= cost
     return {i: (a, c) for i, (a, c) in counts.items()}
 
 

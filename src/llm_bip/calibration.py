@@ -166,7 +166,9 @@ def collect_block_stats(view: BlockView, inputs: BlockInputs) -> tuple[BlockStat
             stats.output_sumsq += float(out.detach().float().pow(2).sum())
             outputs.append((out, kwargs))
     if not (torch.isfinite(stats.attn_sumsq).all() and torch.isfinite(stats.ffn_sumsq).all()):
-        raise PruneError("calibration activations contain NaN or Inf; try float32 (--dtype float32)")
+        in_float32 = view.o.weight.dtype == torch.float32
+        hint = "check the model's weights for NaN or Inf" if in_float32 else "try --dtype float32"
+        raise PruneError(f"calibration activations contain NaN or Inf; {hint}")
     return stats, outputs
 
 

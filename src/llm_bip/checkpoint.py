@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -104,17 +105,51 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str 
         raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
     adapter_for(config)
     try:
-        if config.is_heterogeneous:
-            model = load_pruned(location, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        model = load_pruned(location, dtype=dtype) if config.is_heterogeneous else load_stock(location, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except PruneError:
         raise
     except Exception as err:
         raise PruneError(f"{source}: cannot load model ({type(err).__name__}: {err})") from None
+    check_tokenizer_fits(source, tokenizer, model)
     model.eval()
     return model.to(device), tokenizer
+
+
+def load_stock(location: Path | str, dtype: torch.dtype):
+    """A model stock transformers can build, refused where its weights do not fill it exactly
+    (transformers would initialise the rest at random)."""
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+    except SafetensorError as err:
+        raise PruneError(f"{location}: a weights file is corrupted or truncated ({err})") from None
+    check_weights_match(location, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
+    return model.eval()
+
+
+def check_weights_match(where: Path | str, missing, unexpected, mismatched) -> None:
+    """Refuse weights whose names or shapes differ from the model config.json describes."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {sorted(missing)[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} not in the model, e.g. {sorted(unexpected)[0]}")
+    if mismatched:
+        key, stored, expected = min(mismatched)
+        problems.append(f"{len(mismatched)} of another shape, e.g. {key} is {list(stored)}, "
+                        f"config.json says {list(expected)}")
+    if problems:
+        raise PruneError(f"{where}: weights do not match config.json ({'; '.join(problems)})")
+
+
+def check_tokenizer_fits(source: str, tokenizer, model) -> None:
+    """Token ids past the embedding would fail deep inside the first forward pass."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise PruneError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                         "the tokenizer belongs to another model")
 
 
 @contextmanager
@@ -139,6 +174,16 @@ def weight_files(folder: Path) -> list[Path]:
     return [single]
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in weight_files(folder):
+        try:
+            state.update(load_file(shard))
+        except SafetensorError as err:
+            raise PruneError(f"{shard}: corrupted or truncated safetensors file ({err})") from None
+    return state
+
+
 def load_pruned(folder: str | Path, dtype: str = "float32"):
     """Load a folder written by ``llm-bip prune``; per-layer widths come from ``per_layer_config``."""
     from accelerate import init_empty_weights
@@ -146,7 +191,7 @@ def load_pruned(folder: str | Path, dtype: str = "float32"):
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     if not config.is_heterogeneous:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).eval()
+        return load_stock(folder, resolve_dtype(dtype))
     adapter = adapter_for(config)
     config.allow_global_per_layer_attribute_access = True
     with _quiet_transformers(), init_empty_weights(include_buffers=False):
@@ -154,14 +199,16 @@ def load_pruned(folder: str | Path, dtype: str = "float32"):
         layers = adapter.layers(model)
         for i, layer in enumerate(layers):
             layers[i] = type(layer)(config.per_layer_config[i], i)
-    state = {}
-    for shard in weight_files(folder):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {k for k in missing if config.tie_word_embeddings and "lm_head" in k}
-    if set(missing) - tied or unexpected:
-        raise PruneError(f"{folder}: weights do not match config (missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    state = read_weights(folder)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    tied = config.tie_word_embeddings
+    check_weights_match(
+        folder,
+        missing=[k for k in shapes if k not in state and not (tied and "lm_head" in k)],
+        unexpected=[k for k in state if k not in shapes],
+        mismatched=[(k, v.shape, shapes[k]) for k, v in state.items() if k in shapes and v.shape != shapes[k]],
+    )
+    model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
     return model.to(resolve_dtype(dtype)).eval()
@@ -183,20 +230,37 @@ def check_output_folder(out: str | Path, overwrite: bool) -> Path:
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False):
-    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it vanishes."""
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it vanishes
+    and an existing ``out`` stays as it was. A failed write (full disk, no permission) is a PruneError."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
-        if out.exists():
-            if not overwrite:
-                raise PruneError(f"{out} already exists; pass --overwrite to replace it")
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _move_into_place(tmp, out, overwrite)
+    except (OSError, SafetensorError) as err:
+        raise PruneError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; a replaced ``out`` is moved aside first, so it is whole until the swap."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not overwrite:
+        raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+    old = tmp.with_name(tmp.name + "-replaced")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, tokenizer, out: Path, overwrite: bool, extras: Callable[[Path], None] | None = None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import fields
@@ -322,22 +323,34 @@ COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench
             "report": cmd_report, "finetune": cmd_finetune}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that unfinished output is removed."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         COMMANDS[args.command](args)
     except PruneError as err:
         print(f"llm-bip: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llm-bip: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"llm-bip: {'terminated' if terminated else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as err:  # unexpected: one line unless LLM_BIP_DEBUG asks for the traceback
         if os.environ.get("LLM_BIP_DEBUG"):
             raise
         print(f"llm-bip: error: {type(err).__name__}: {one_line(err)} (set LLM_BIP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
 
 
