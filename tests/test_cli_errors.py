@@ -255,11 +255,19 @@ def test_existing_output_without_overwrite(capsys, work, tiny_model_dir, calib_t
     assert sorted(p.name for p in work.iterdir()) == ["out"], "a temporary sibling was left behind"
 
 
-def test_missing_output_parent(capsys, work, tiny_model_dir, calib_text_file):
-    out = work / "no" / "such" / "out"
-    assert_fails_cleanly(capsys, prune_args(tiny_model_dir, out, calib_text_file), out,
-                         [tiny_model_dir, calib_text_file, work], "parent folder", "does not exist")
-    assert not (work / "no").exists()
+def test_missing_output_parents_are_created(work, tiny_model_dir, calib_text_file):
+    out = work / "no" / "such" / "out"  # as in the README's `--out runs/...` on a fresh clone
+    assert main(prune_args(tiny_model_dir, out, calib_text_file)) == 0
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"], "a temporary sibling was left behind"
+
+
+def test_output_parent_is_a_file(capsys, work, tiny_model_dir, calib_text_file):
+    (work / "afile").write_text("x")
+    assert main(prune_args(tiny_model_dir, work / "afile" / "out", calib_text_file)) == 2
+    message = error_message(capsys.readouterr().err)
+    assert "cannot create" in message and "is not a folder" in message
+    assert (work / "afile").read_text() == "x" and sorted(p.name for p in work.iterdir()) == ["afile"]
 
 
 def test_output_is_a_file_with_overwrite(capsys, work, tiny_model_dir, calib_text_file):

@@ -215,16 +215,18 @@ def load_pruned(folder: str | Path, dtype: str = "float32"):
 
 
 def check_output_folder(out: str | Path, overwrite: bool) -> Path:
-    """Fail early, before any work, when the output exists and may not be replaced."""
+    """Fail early, before any work, when the output exists and may not be replaced, or cannot be
+    created (missing parent folders are created when the output is written)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PruneError(f"{out} exists and is not a folder")
     if out.exists() and not overwrite:
         raise PruneError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise PruneError(f"parent folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise PruneError(f"cannot write to {out.parent}")
+    ancestor = next(a for a in out.absolute().parents if a.exists())  # missing parents are made when writing
+    if not ancestor.is_dir():
+        raise PruneError(f"cannot create {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise PruneError(f"cannot write to {ancestor}")
     return out
 
 
