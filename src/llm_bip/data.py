@@ -41,17 +41,28 @@ def load_text(source: str, split: str = "train") -> str:
 
 def _read_local_text(path: Path) -> str:
     """Plain text as is; JSON/JSONL records joined through their text (or instruction) fields."""
-    raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix not in (".json", ".jsonl"):
-        return raw
-    try:
-        if path.suffix == ".json":
-            records = json.loads(raw)
-        else:
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise PruneError(f"{path}: not valid {path.suffix[1:].upper()} ({err.msg}, line {err.lineno})") from None
-    return "\n\n".join(_record_text(r) for r in records)
+        return path.read_text(encoding="utf-8", errors="replace")
+    return "\n\n".join(_record_text(r) for r in read_json_records(path))
+
+
+def read_json_records(path: Path):
+    """The value of a .json file, or the list of one value per non-blank line of a .jsonl file;
+    a PruneError names the line that is not valid JSON."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise PruneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    values = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PruneError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    return values
 
 
 def _record_text(record) -> str:

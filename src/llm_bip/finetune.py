@@ -31,7 +31,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from .adapters import adapter_for
 from .checkpoint import check_output_folder, load_model, save_model
-from .data import needs_bos, tokenize
+from .data import needs_bos, read_json_records, tokenize
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
@@ -125,28 +125,9 @@ def data_format(path: Path) -> str:
     return FORMATS[path.suffix]
 
 
-def parse_json_lines(path: Path, lines: list[str]) -> list:
-    """One JSON value per non-blank line; an error names the file's line."""
-    values = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                values.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise PruneError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
-    return values
-
-
 def read_records(path: Path) -> list[dict]:
     """Alpaca-style records of a .json (one list) or .jsonl (one object a line) file, checked."""
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = parse_json_lines(path, raw.splitlines())
-    else:
-        try:
-            records = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise PruneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    records = read_json_records(path)
     if not isinstance(records, list) or not records:
         raise PruneError(f"{path}: holds no examples (expected a list of instruction/input/output records)")
     for i, record in enumerate(records):
