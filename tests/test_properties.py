@@ -119,3 +119,16 @@ def test_pruned_model_keeps_its_invariants(spec, config):
     assert [adapter.block(reloaded, i).widths for i in range(len(views))] == result.widths_after
     assert reloaded.config.is_heterogeneous == (len(set(result.widths_after)) > 1)  # else a stock config
     assert sum(p.numel() for p in reloaded.parameters()) == params["model_after"]
+
+
+def test_uniform_picks_a_head_count_the_channels_can_complete():
+    """9 heads over 3 KV heads, 10 FFN channels, 42%: the nearest head count (4 of 9) would leave
+    more than the FFN can give; one more head makes the ratio reachable."""
+    spec = dict(architecture="llama", seed=0, hidden_size=36, head_dim=4, num_attention_heads=9,
+                num_key_value_heads=3, intermediate_size=10, num_hidden_layers=2, tie_word_embeddings=False)
+    config = PruneConfig(ratio=0.42, allocation="uniform", gqa="heads", method="magnitude")
+    model = build_model(spec)
+    one_channel = BlockCosts.of(adapter_for(model.config).block(model, 0)).channel
+    _, result = prune(model, None, config)
+    assert abs(result.block_ratio - 0.42) * result.params["blocks_before"] <= 2 * one_channel
+    assert all(w.num_kv_heads == 3 and w.num_heads in (3, 6) for w in result.widths_after)

@@ -133,23 +133,31 @@ def _check_ratio(ratio: float) -> None:
 def uniform_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
     """Same attention-unit and channel counts removed in every pruned block.
 
-    The attention share follows the ratio (rounded to whole units); FFN channels make up the rest
-    of each block's budget, so the ratio obtained is the ratio asked for within one channel.
+    The attention share follows the ratio (the nearest whole number of units whose remainder the
+    FFN channels can make up); channels make up the rest of each block's budget, so the ratio
+    obtained is the ratio asked for within one channel.
     """
     prunable = sum(u.costs.total for u in units.values())
     block_ratio = opts.ratio * total / prunable
-    counts = {}
-    for i, u in units.items():
-        n_attn = min(u.attn_counts, key=lambda n: abs(n - block_ratio * len(u.attn_heads)))
-        rest = block_ratio * u.costs.total - n_attn * u.attn_cost
-        n_ch = max(0, round(rest / u.costs.channel))
-        if n_ch > u.max_channels_removed(opts):
-            raise PruneError(
-                f"ratio {opts.ratio} would empty layer {i}: it would need {n_ch} of "
-                f"{u.widths.intermediate_size} FFN channels removed (at most {u.max_channels_removed(opts)})"
-            )
-        counts[i] = (n_attn, n_ch)
-    return counts
+    return {i: _uniform_block_counts(i, u, block_ratio, opts) for i, u in units.items()}
+
+
+def _uniform_block_counts(i: int, u: BlockUnits, block_ratio: float, opts: AllocationOptions) -> tuple[int, int]:
+    budget = block_ratio * u.costs.total
+    max_channels = u.max_channels_removed(opts)
+
+    def channels_for(n_attn: int) -> int:
+        return max(0, round((budget - n_attn * u.attn_cost) / u.costs.channel))
+
+    feasible = [n for n in u.attn_counts if channels_for(n) <= max_channels]
+    if not feasible:
+        most = max(u.attn_counts)
+        raise PruneError(
+            f"ratio {opts.ratio} would empty layer {i}: it would need {channels_for(most)} of "
+            f"{u.widths.intermediate_size} FFN channels removed (at most {max_channels})"
+        )
+    n_attn = min(feasible, key=lambda n: abs(n - block_ratio * len(u.attn_heads)))
+    return n_attn, channels_for(n_attn)
 
 
 def ranking_keys(u: BlockUnits, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
