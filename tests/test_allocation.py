@@ -6,7 +6,7 @@ from llm_bip import PruneConfig, PruneError, prune
 from tiny_models import random_ids, tiny_model
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("allocation", ["uniform", "block", "global"])
 @pytest.mark.parametrize("gqa", ["groups", "heads"])
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
 def test_ratio_obtained_is_ratio_asked(allocation, gqa, ratio):
@@ -24,6 +24,23 @@ def test_uniform_gives_identical_layers_and_stock_config():
     assert len(set(result.widths_after)) == 1
     assert model.config.intermediate_size == result.widths_after[0].intermediate_size
     assert model.config.num_attention_heads == result.widths_after[0].num_heads
+
+
+def test_block_allocation_takes_the_same_share_of_every_block_by_joint_rank():
+    model = tiny_model("llama-gqa", layers=4, scale=5.0)
+    config = PruneConfig(ratio=0.4, allocation="block", lipschitz="none", compensate=False)
+    _, result = prune(model, None, config, calib=random_ids())
+    before = [block_params(w) for w in result.widths_before]
+    after = [block_params(w) for w in result.widths_after]
+    for b, a in zip(before, after):
+        assert abs((b - a) - 0.4 * b) <= 3 * 48  # within one FFN channel of 40% of this block
+    heads_kept = {w.num_heads for w in result.widths_after}
+    assert len(heads_kept) > 1 or len({w.intermediate_size for w in result.widths_after}) > 1, "came out uniform"
+
+
+def block_params(w) -> int:
+    """Prunable parameters of a tiny_model block (hidden 48, head_dim 8) with widths ``w``."""
+    return 2 * 48 * 8 * (w.num_heads + w.num_kv_heads) + 3 * 48 * w.intermediate_size
 
 
 def test_keep_dense_layers_and_ratio_still_met():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,7 +21,7 @@ from .metrics import UnitScores
 @dataclass(frozen=True)
 class AllocationOptions:
     ratio: float
-    allocation: str = "uniform"  # uniform | global
+    allocation: str = "uniform"  # uniform | block | global
     gqa: str = "groups"  # groups | heads
     normalize: str = "none"  # none | output | zscore: see ranking_keys
     min_channels: float = 0.05  # fraction of FFN channels every block keeps
@@ -142,6 +142,14 @@ def uniform_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total:
     return {i: _uniform_block_counts(i, u, block_ratio, opts) for i, u in units.items()}
 
 
+def block_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
+    """Every pruned block loses the same share of its parameters (as in uniform), but which heads
+    and channels go is decided by ranking them jointly inside the block (as in global)."""
+    prunable = sum(u.costs.total for u in units.values())
+    block_opts = replace(opts, ratio=opts.ratio * total / prunable)
+    return {i: global_counts({i: u}, block_opts, u.costs.total)[i] for i, u in units.items()}
+
+
 def _uniform_block_counts(i: int, u: BlockUnits, block_ratio: float, opts: AllocationOptions) -> tuple[int, int]:
     budget = block_ratio * u.costs.total
     max_channels = u.max_channels_removed(opts)
@@ -243,10 +251,10 @@ def allocate(units: dict[int, BlockUnits], total: int, opts: AllocationOptions) 
     _check_ratio(opts.ratio)
     if not units:
         raise PruneError("every layer is kept dense: nothing to prune")
-    if opts.allocation not in ("uniform", "global"):
-        raise PruneError(f"unknown --allocation {opts.allocation!r}; use uniform or global")
-    count_fn = uniform_counts if opts.allocation == "uniform" else global_counts
-    counts = count_fn(units, opts, total)
+    count_fns = {"uniform": uniform_counts, "block": block_counts, "global": global_counts}
+    if opts.allocation not in count_fns:
+        raise PruneError(f"unknown --allocation {opts.allocation!r}; use {', '.join(count_fns)}")
+    counts = count_fns[opts.allocation](units, opts, total)
     return {i: (n_attn, _rounded_channel_count(units[i], n_ch, opts.round_to)) for i, (n_attn, n_ch) in counts.items()}
 
 

@@ -99,11 +99,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str 
     """(model, tokenizer) from a local folder, hub id, GGUF file or llm-bip pruned folder."""
     location = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
-    try:
-        config = AutoConfig.from_pretrained(location)
-    except Exception as err:
-        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
-    adapter_for(config)
+    config = read_config(source, location)
     try:
         model = load_pruned(location, dtype=dtype) if config.is_heterogeneous else load_stock(location, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -114,6 +110,16 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str 
     check_tokenizer_fits(source, tokenizer, model)
     model.eval()
     return model.to(device), tokenizer
+
+
+def read_config(source: str, location: Path | str):
+    """The model's config; a PruneError where it cannot be read or no adapter supports the architecture."""
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except Exception as err:
+        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
+    adapter_for(config)
+    return config
 
 
 def load_stock(location: Path | str, dtype: torch.dtype):
@@ -186,32 +192,48 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_pruned(folder: str | Path, dtype: str = "float32"):
     """Load a folder written by ``llm-bip prune``; per-layer widths come from ``per_layer_config``."""
-    from accelerate import init_empty_weights
-
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     if not config.is_heterogeneous:
         return load_stock(folder, resolve_dtype(dtype))
-    adapter = adapter_for(config)
-    config.allow_global_per_layer_attribute_access = True
-    with _quiet_transformers(), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-        layers = adapter.layers(model)
-        for i, layer in enumerate(layers):
-            layers[i] = type(layer)(config.per_layer_config[i], i)
+    model = empty_model(config)
     state = read_weights(folder)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    check_weights_match(
-        folder,
-        missing=[k for k in shapes if k not in state and not (tied and "lm_head" in k)],
-        unexpected=[k for k in state if k not in shapes],
-        mismatched=[(k, v.shape, shapes[k]) for k, v in state.items() if k in shapes and v.shape != shapes[k]],
-    )
+    check_stored_shapes(folder, model, {k: v.shape for k, v in state.items()})
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+    if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(resolve_dtype(dtype)).eval()
+
+
+def empty_model(config, dtype: torch.dtype | None = None):
+    """The model ``config`` describes, per-layer widths included, with its parameters on the meta
+    device (buffers such as rotary frequencies are real) and a tied LM head tied."""
+    from accelerate import init_empty_weights
+
+    adapter = adapter_for(config)
+    if config.is_heterogeneous:
+        config.allow_global_per_layer_attribute_access = True
+    with _quiet_transformers(), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config.is_heterogeneous:
+            layers = adapter.layers(model)
+            for i, layer in enumerate(layers):
+                layers[i] = type(layer)(config.per_layer_config[i], i).to(next(layer.parameters()).dtype)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def check_stored_shapes(where: Path | str, model, stored: dict[str, torch.Size]) -> None:
+    """Refuse stored weights (name -> shape) that do not fill ``model`` exactly; a tied LM head may be absent."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    check_weights_match(
+        where,
+        missing=[k for k in shapes if k not in stored and not (tied and "lm_head" in k)],
+        unexpected=[k for k in stored if k not in shapes],
+        mismatched=[(k, s, shapes[k]) for k, s in stored.items() if k in shapes and s != shapes[k]],
+    )
 
 
 def check_output_folder(out: str | Path, overwrite: bool) -> Path:

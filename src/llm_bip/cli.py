@@ -8,16 +8,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from importlib.metadata import version
 from pathlib import Path
 
-from .checkpoint import DEFAULT_MODEL, atomic_folder, check_output_folder, load_model, save_model
+from .checkpoint import DEFAULT_MODEL, atomic_folder, check_output_folder, load_model
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .errors import PruneError
 from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
 from .methods import METHODS
+from .offload import BlockStore, open_offloaded
 from .profiling import PhaseLog
 from .pruner import SUMMARY_FILE, PruneConfig, Pruner, config_for_scores, library_versions
 from .scores import SCORES_FILE, load_scores, save_scores
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of block parameters to remove")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="scoring method; the options below left unset take the method's own choice")
-    p.add_argument("--allocation", choices=["uniform", "global"])
+    p.add_argument("--allocation", choices=["uniform", "block", "global"],
+                   help="uniform: same head and channel counts in every block; block: same share of every block, "
+                        "heads and channels ranked jointly inside it; global: one ranking across all blocks")
     p.add_argument("--scores", type=Path, metavar="FILE",
                    help=f"prune from an earlier run's {SCORES_FILE} (file or run folder): no data, no forward "
                         "pass; its scoring settings are used, ratio and allocation options may change")
@@ -84,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=float, default=d.min_channels, help="fraction of FFN channels kept per layer")
     p.add_argument("--round-to", type=int, default=d.round_to, help="kept FFN widths a multiple of this")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval", default="ptb", help="perplexity dataset before/after ('none' to skip)")
+    p.add_argument("--eval", help="perplexity dataset before/after (default ptb; 'none' to skip; --offload: none)")
     _add_ppl_options(p, prefix="eval-")
+    p.add_argument("--offload", action="store_true",
+                   help="models larger than memory: one block at a time is read from the checkpoint's shards, "
+                        "scored, cut and written out; the work is kept in OUT.partial")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --offload run from OUT.partial")
 
     c = sub.add_parser("compare", help="methods x ratios side by side: results.json, results.md, plot")
     _add_model_options(c)
@@ -184,32 +191,54 @@ def config_from_args(args) -> PruneConfig:
     )
 
 
+def prune_eval_corpus(args) -> str:
+    """The --eval dataset: ptb by default, none with --offload (the whole model is never in memory)."""
+    if args.resume and not args.offload:
+        raise PruneError("--resume continues an interrupted --offload run; pass --offload too")
+    if not args.offload:
+        return args.eval or "ptb"
+    if args.eval not in (None, "none"):
+        raise PruneError("--offload never holds the whole model, so it cannot measure perplexity; "
+                         "run llm-bip eval OUT afterwards")
+    return "none"
+
+
 def cmd_prune(args) -> None:
     out = check_output_folder(args.out, args.overwrite)
+    corpus = prune_eval_corpus(args)
     config = config_from_args(args)
     record = load_scores(args.scores) if args.scores else None
     if record is not None:
         config = config_for_scores(config, record)
     log = PhaseLog()
     with log.phase("load"):
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
-    pruner = Pruner(model, tokenizer, config, record=record)  # validates options before any long work
+        if args.offload:
+            model, tokenizer, blocks = open_offloaded(args.model, args.dtype, args.device)
+        else:
+            model, tokenizer = load_model(args.model, args.dtype, args.device)
+            blocks = BlockStore()
+    pruner = Pruner(model, tokenizer, config, record=record, blocks=blocks)  # validates options before any long work
+    if args.offload:
+        settings = {**asdict(pruner.config), "scores": str(args.scores) if args.scores else None}
+        blocks.begin(out, settings, args.resume, args.overwrite)
+        print(f"offloaded: one block in memory at a time; work kept in {blocks.partial} until {out} is written "
+              "(--resume continues an interrupted run)")
     evals = {}
-    if args.eval != "none":
+    if corpus != "none":
         with log.phase("eval_dense"):
-            evals["dense"] = perplexity(model, tokenizer, args.eval, "test", args.eval_seqlen, args.eval_max_tokens)
+            evals["dense"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens)
         print(f"dense:  {evals['dense']}")
     start = time.perf_counter()
     result = pruner.run()
     prune_wall = time.perf_counter() - start
-    if args.eval != "none":
+    if corpus != "none":
         with log.phase("eval_pruned"):
-            evals["pruned"] = perplexity(model, tokenizer, args.eval, "test", args.eval_seqlen, args.eval_max_tokens)
+            evals["pruned"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens)
         print(f"pruned: {evals['pruned']}")
     summary = result.summary()
     summary.update(model=args.model, dtype=args.dtype, device=args.device, prune_wall_s=round(prune_wall, 3),
                    perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE,
-                   scores_from=str(args.scores) if args.scores else None)
+                   scores_from=str(args.scores) if args.scores else None, offload=args.offload)
 
     def extras(tmp: Path) -> None:
         save_scores(tmp / SCORES_FILE, result.record)
@@ -217,7 +246,7 @@ def cmd_prune(args) -> None:
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
     with log.phase("save"):
-        save_model(model, tokenizer, out, args.overwrite, extras)
+        blocks.save(model, tokenizer, out, args.overwrite, extras)
     print_prune_report(summary, out)
 
 

@@ -17,6 +17,7 @@ from .data import calibration_ids
 from .errors import PruneError
 from .methods import METHODS, method_defaults
 from .metrics import Metric, ScoreOptions, UnitScores, make_metric
+from .offload import BlockStore, Progress
 from .profiling import PhaseLog
 from .scores import SCORING_FIELDS, ScoreRecord
 from .surgery import compensate_bias, describe_widths, prune_block
@@ -131,10 +132,11 @@ def count_block_params(views: list[BlockView]) -> int:
 class Pruner:
     """One pruning run over a loaded model. Construction checks every option (and reads the
     calibration text); ``run()`` prunes in place and returns the result. Given the ``record`` of an
-    earlier run's scores, it prunes from them with no data and no forward pass."""
+    earlier run's scores, it prunes from them with no data and no forward pass. ``blocks`` says
+    where the blocks' weights live (offload.py); by default all in memory."""
 
     def __init__(self, model, tokenizer, config: PruneConfig, calib: torch.Tensor | None = None,
-                 record: ScoreRecord | None = None):
+                 record: ScoreRecord | None = None, blocks: BlockStore | None = None):
         config = config.resolved()
         self.adapter: ModelAdapter = adapter_for(model.config)
         if config.compensate == "auto":
@@ -144,6 +146,10 @@ class Pruner:
         self.dense = config.validate(len(self.views))
         self.prunable = [i for i in range(len(self.views)) if i not in self.dense]
         self.metric: Metric = make_metric(config.metric, config.score_options())
+        self.blocks = blocks or BlockStore()
+        if self.metric.needs_gradients and record is None and not self.blocks.whole_model:
+            raise PruneError(f"--method {config.method} needs gradients through the whole model, which --offload "
+                             "never holds in memory; choose another method or prune without --offload")
         if config.compensate:
             self.adapter.check_compensation(model.config)
         self.alloc = config.allocation_options()
@@ -226,8 +232,7 @@ class Pruner:
             units = self._all_units(scores, norms)
             counts = allocate(units, self._total(), self.alloc)
             plans = {i: select_units(units[i], *counts[i]) for i in self.prunable}
-            for i, plan in plans.items():
-                self._cut(i, plan)
+            self._cut_blocks(plans, range(len(self.views)))
         return plans, scores, norms
 
     def _block_weights(self) -> list[torch.nn.Parameter]:
@@ -236,7 +241,8 @@ class Pruner:
     def _calibration_inputs(self) -> BlockInputs | None:
         if not self.collect_stats:
             return None
-        return capture_block_inputs(self.model, self.views[0].layer, self.calib, self.config.batch_size)
+        with self.blocks.embedding_resident():
+            return capture_block_inputs(self.model, self.views[0].layer, self.calib, self.config.batch_size)
 
     def _all_units(self, scores: dict[int, UnitScores], norms: dict[int, float]) -> dict[int, BlockUnits]:
         return {i: self._units(i, scores[i], norms.get(i, 1.0)) for i in self.prunable}
@@ -251,25 +257,43 @@ class Pruner:
             compensate_bias(self.views[i], plan, *self.means[i])
         prune_block(self.adapter, self.views[i], plan)
 
+    def _cut_blocks(self, plans: dict[int, LayerPlan], blocks: range) -> None:
+        """Cut the planned ones of ``blocks``; every block is kept (offloaded: written out), dense or cut."""
+        for i in tqdm(blocks, desc="cutting blocks", disable=self.blocks.whole_model):
+            with self.blocks.resident(i, write=True):
+                if i in plans:
+                    self._cut(i, plans[i])
+
     def _score_blocks(self, inputs: BlockInputs | None, counts: dict[int, tuple[int, int]] | None = None):
         """Score every prunable block on its calibration inputs, in one pass down the stack.
 
         With ``counts`` each block is cut right after it is scored, and the next block sees the
-        pruned block's outputs (sequential mode). Returns (scores, output norms, plans).
+        pruned block's outputs (sequential mode). A pass interrupted in an offloaded run continues
+        after its last completed block. Returns (scores, output norms, plans).
         """
-        scores, norms, plans = {}, {}, {}
+        stage = "scoring" if counts is None else "sequential"
+        done = self.blocks.load_progress(stage, inputs)
+        scores, norms, inputs = done.scores, done.norms, done.inputs
+        self.means.update(done.means)
+        plans = {}
+        if counts is not None:  # blocks cut before the interruption are cut again (their shapes, offloaded)
+            plans = {i: select_units(self._units(i, s), *counts[i]) for i, s in scores.items()}
+            self._cut_blocks(plans, range(done.next_block))
         desc = "scoring blocks" if counts is None else "pruning blocks"
-        for i, view in enumerate(tqdm(self.views, desc=desc)):
-            stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
-            if i in self.prunable:
-                scores[i] = self.metric.score(view, stats, i)
-                norms[i] = stats.output_norm if stats is not None else 1.0
-                if self.config.compensate:
-                    self.means[i] = (stats.attn_mean(), stats.ffn_mean())
-                if counts is not None:
-                    plans[i] = select_units(self._units(i, scores[i]), *counts[i])
-                    self._cut(i, plans[i])
-                    outputs = forward_block(view.layer, inputs)
+        for i in tqdm(range(done.next_block, len(self.views)), desc=desc):
+            view = self.views[i]
+            with self.blocks.resident(i, write=counts is not None):
+                stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
+                if i in self.prunable:
+                    scores[i] = self.metric.score(view, stats, i)
+                    norms[i] = stats.output_norm if stats is not None else 1.0
+                    if self.config.compensate:
+                        self.means[i] = (stats.attn_mean(), stats.ffn_mean())
+                    if counts is not None:
+                        plans[i] = select_units(self._units(i, scores[i]), *counts[i])
+                        self._cut(i, plans[i])
+                        outputs = forward_block(view.layer, inputs)
+                self.blocks.save_progress(stage, Progress(i + 1, outputs, scores, norms, self.means))
             inputs = outputs
         return scores, norms, plans
 
@@ -277,7 +301,7 @@ class Pruner:
         """Counts per block first (global allocation needs a dense scoring pass for them), then
         score-and-cut block by block on inputs that went through the already pruned blocks."""
         counts = self.size_counts
-        if self.alloc.allocation == "global":
+        if self.alloc.allocation != "uniform":
             scores, norms, _ = self._score_blocks(inputs)
             counts = allocate(self._all_units(scores, norms), self._total(), self.alloc)
         scores, norms, plans = self._score_blocks(inputs, counts)
