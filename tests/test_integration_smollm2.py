@@ -44,7 +44,7 @@ def test_bip_beats_random_and_meets_the_ratio(smollm2):
 def test_pruned_smollm2_round_trips(smollm2, tmp_path):
     _, tokenizer, _ = smollm2
     ids = tokenizer("the stock market fell sharply on monday", return_tensors="pt").input_ids
-    uniform, _ = pruned_copy(smollm2, ratio=0.2)
+    uniform, _ = pruned_copy(smollm2, ratio=0.2, allocation="uniform")
     save_model(uniform, tokenizer, tmp_path / "uniform", overwrite=False)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", dtype=torch.float32)
     assert (stock(ids).logits - uniform(ids).logits).abs().max() < 1e-4

@@ -31,8 +31,9 @@ def model_dirs(calib_text_file, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("speed")
     model, tokenizer = tiny_model("llama-mha", layers=3, scale=5.0), build_tokenizer()
     dense = save_model(model, tokenizer, root / "dense", overwrite=False)
-    _, result = prune(model, tokenizer, PruneConfig(ratio=0.3, allocation="global", calibration=str(calib_text_file),
-                                                    n_samples=4, seqlen=16))
+    config = PruneConfig(ratio=0.3, allocation="global", normalize="none", calibration=str(calib_text_file),
+                         n_samples=4, seqlen=16)
+    _, result = prune(model, tokenizer, config)
     assert len({w.num_heads for w in result.widths_after}) > 1, "pruned layers should differ in head count"
     return dense, save_model(model, tokenizer, root / "pruned", overwrite=False)
 

@@ -15,8 +15,10 @@ BASE_DEFAULTS = {
 }
 
 METHODS: dict[str, dict] = {
-    # tuned on PTB valid (docs/tuning.md): exact head change, bias compensation where possible
-    "bip": {"metric": "bip", "head_score": "exact", "compensate": "auto"},
+    # tuned on PTB valid (docs/tuning.md): exact head change, bias compensation where possible,
+    # one ranking across blocks of scores standardised per block and module
+    "bip": {"metric": "bip", "head_score": "exact", "compensate": "auto", "allocation": "global",
+            "normalize": "zscore"},
     "bip-paper": {"metric": "bip", "lipschitz": "spectral", "head_score": "channels", "compensate": False},
     "random": {"metric": "random"},
     "magnitude": {"metric": "magnitude"},
