@@ -43,6 +43,18 @@ def block_params(w) -> int:
     return 2 * 48 * 8 * (w.num_heads + w.num_kv_heads) + 3 * 48 * w.intermediate_size
 
 
+def test_zscores_cancel_the_lipschitz_factor():
+    """The default skips the FFN factor: under z-scores it cannot change which units go."""
+    plans = {}
+    for normalize in ("zscore", "none"):  # unnormalised, the factor does change the ranking
+        for lipschitz in ("spectral", "none"):
+            config = PruneConfig(ratio=0.4, allocation="global", normalize=normalize, lipschitz=lipschitz)
+            _, result = prune(tiny_model("llama-gqa", layers=4, scale=5.0), None, config, calib=random_ids())
+            plans[normalize, lipschitz] = result.plans
+    assert plans["zscore", "spectral"] == plans["zscore", "none"]
+    assert plans["none", "spectral"] != plans["none", "none"]
+
+
 def test_keep_dense_layers_and_ratio_still_met():
     model = tiny_model("llama-gqa", layers=4)
     _, result = prune(model, None, PruneConfig(ratio=0.2, method="magnitude", keep_dense=[0, -1]))

@@ -16,9 +16,10 @@ BASE_DEFAULTS = {
 
 METHODS: dict[str, dict] = {
     # tuned on PTB valid (docs/tuning.md): exact head change, bias compensation where possible,
-    # one ranking across blocks of scores standardised per block and module
+    # one ranking across blocks of scores standardised per block and module; the FFN's Lipschitz
+    # factor is the same for every head of a block, so z-scores cancel it: not computed
     "bip": {"metric": "bip", "head_score": "exact", "compensate": "auto", "allocation": "global",
-            "normalize": "zscore"},
+            "normalize": "zscore", "lipschitz": "none"},
     "bip-paper": {"metric": "bip", "lipschitz": "spectral", "head_score": "channels", "compensate": False},
     "random": {"metric": "random"},
     "magnitude": {"metric": "magnitude"},
