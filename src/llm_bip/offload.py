@@ -18,6 +18,7 @@ output is; then ``OUT.partial`` is removed.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -153,6 +154,8 @@ class OffloadedBlocks(BlockStore):
             for name, param in list(module.named_parameters()):
                 freed = skeleton[name] if param is real[name] else nn.Parameter(param.detach().to("meta"))
                 _set_parameter(module, name, freed)
+            del loaded, real
+            _return_freed_memory()
 
     def _read(self, wanted: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """The stored values of ``wanted`` (name -> skeleton tensor) on ``device`` in the skeleton's dtype,
@@ -277,6 +280,15 @@ def _unique_tensors(model) -> dict[str, torch.Tensor]:
             seen.add(id(tensor))
             unique[name] = tensor
     return unique
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: measured, about 650 MB of a
+    1.8 GB peak on a 1.1B model); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
