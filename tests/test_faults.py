@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -234,8 +235,10 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
 
     def signalled_save_scores(path, record):
         written.extend(sorted(p.name for p in path.parent.iterdir()))
-        os.kill(os.getpid(), sig)  # a real signal to this process, delivered at the next bytecode
-        time.sleep(30)
+        # a real signal, sent to the main thread itself: a process-wide os.kill may be taken by a
+        # worker thread (torch's, tqdm's), leaving this thread to run on until the interpreter notices
+        signal.pthread_kill(threading.main_thread().ident, sig)
+        pytest.fail("the signal handler did not run at the next bytecode")
 
     monkeypatch.setattr("llm_bip.cli.save_scores", signalled_save_scores)
     handler = signal.getsignal(signal.SIGTERM)
