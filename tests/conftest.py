@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 # Set before anything imports huggingface_hub/datasets: they read these once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The tests' own llm-bip cache (GGUF conversions, perplexities): never the user's, the same for the session.
+SESSION_CACHE = tempfile.TemporaryDirectory(prefix="llm-bip-test-cache-")
+os.environ["LLM_BIP_CACHE"] = SESSION_CACHE.name
 
 # Words of the tiny tokenizer; with the special tokens they must fit the model's vocabulary.
 WORDS = (

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_bip import PruneConfig, load_pruned, prune, save_model
-from llm_bip.checkpoint import load_model
+from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
+from llm_bip.checkpoint import OUTPUT_MARKER, load_model
 from llm_bip.scores import SCORES_FILE, save_scores
 from tiny_models import random_ids, tiny_model
 
@@ -67,8 +67,11 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
     def failing_extras(_tmp):
         raise RuntimeError("disk full")
 
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(PruneError, match="already exists"):
         save_model(model, None, out, overwrite=False)
+    with pytest.raises(PruneError, match="not written by llm-bip"):  # overwrite replaces llm-bip's own outputs only
+        save_model(model, None, out, overwrite=True)
+    (out / OUTPUT_MARKER).write_text("{}")
     with pytest.raises(RuntimeError, match="disk full"):
         save_model(model, None, out, overwrite=True, extras=failing_extras)
     assert (out / "keep.txt").read_text() == "user data"

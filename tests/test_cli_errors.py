@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_bip.checkpoint import OUTPUT_MARKER
 from llm_bip.cli import main
 
 FAST = ["--samples", "4", "--calib-seqlen", "16", "--eval", "none"]
@@ -94,6 +95,14 @@ def assert_fails_cleanly(capsys, argv: list[str], out: Path, inputs: list[Path],
     return message
 
 
+def earlier_output(out: Path) -> Path:
+    """``out`` as an earlier llm-bip run left it (its marker file, and one file of its own)."""
+    out.mkdir()
+    (out / OUTPUT_MARKER).write_text('{"written_by": "llm-bip"}')
+    (out / "earlier.txt").write_text("an earlier run")
+    return out
+
+
 @pytest.fixture
 def inputs(tmp_path) -> Path:
     folder = tmp_path / "in"
@@ -134,7 +143,7 @@ def _garbage_gguf(d: Path) -> Path:
     (_empty_dir, ["empty", "no config.json", "not a hugging face model"]),
     (_dir_with_random_file, ["junk", "no config.json"]),
     (_plain_file, ["model.bin", "not a model"]),
-    (_garbage_gguf, ["model.gguf", "could not read gguf"]),
+    (_garbage_gguf, ["model.gguf", "not a readable gguf file"]),
 ], ids=["missing", "empty-dir", "dir-with-random-file", "plain-file", "garbage-gguf"])
 def test_bad_model_path(capsys, monkeypatch, work, inputs, calib_text_file, make, words):
     monkeypatch.setenv("LLM_BIP_CACHE", str(inputs.parent / "cache"))
@@ -301,15 +310,13 @@ def test_valid_prune_writes_complete_folder(capsys, work, tiny_model_dir, calib_
 
 
 def test_existing_output_with_overwrite_is_replaced(capsys, work, tiny_model_dir, calib_text_file):
-    out = work / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older run")
+    out = earlier_output(work / "out")
     rc = main(prune_args(tiny_model_dir, out, calib_text_file, "--overwrite"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "llm_bip_summary.json"} <= names
-    assert "stale.txt" not in names, "--overwrite must replace the folder, not merge into it"
+    assert {"config.json", "llm_bip_summary.json", OUTPUT_MARKER} <= names
+    assert "earlier.txt" not in names, "--overwrite must replace the folder, not merge into it"
     assert sorted(p.name for p in work.iterdir()) == ["out"]
 
 

@@ -14,7 +14,7 @@ def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", str(tiny_model_dir), "--out", str(out), "--methods",
                "bip,random,wanda-sp,flap,llm-pruner:keep_dense=,bip:allocation=global;sequential=true",
-               "--ratios", "0.2,0.4", "--seqlens", "16,32", "--ppl", str(calib_text_file), "--split", "test",
+               "--ratios", "0.2,0.4", "--seqlens", "16,32", "--ppl", str(calib_text_file),
                "--calibration", str(calib_text_file), "--samples", "4", "--calib-seqlen", "16", "--batch-size", "2"])
     assert rc == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import build_tokenizer
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.cli import main
-from test_cli_errors import assert_fails_cleanly, error_message, prune_args, snapshot
+from test_cli_errors import assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
 from tiny_models import random_ids, tiny_model
 
 
@@ -192,8 +192,7 @@ def _safetensors_enospc(*_args, **_kwargs):  # how safetensors' Rust writer repo
 def test_failed_write(capsys, monkeypatch, work, tiny_model_dir, calib_text_file, target, failure, cause, existing):
     out = work / "out"
     if existing:
-        out.mkdir()
-        (out / "earlier.txt").write_text("an earlier run")
+        earlier_output(out)
     monkeypatch.setattr(target, failure)
     argv = prune_args(tiny_model_dir, out, calib_text_file, "--overwrite")
     # snapshots of work (so of an existing out too) are compared before and after
@@ -203,9 +202,7 @@ def test_failed_write(capsys, monkeypatch, work, tiny_model_dir, calib_text_file
 
 
 def test_failed_swap_restores_the_existing_output(capsys, monkeypatch, work, tiny_model_dir, calib_text_file):
-    out = work / "out"
-    out.mkdir()
-    (out / "earlier.txt").write_text("an earlier run")
+    out = earlier_output(work / "out")
     rename = Path.rename
 
     def fail_new_into_place(self, target):
@@ -227,9 +224,7 @@ def test_failed_swap_restores_the_existing_output(capsys, monkeypatch, work, tin
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
                          ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, calib_text_file, sig, code, word):
-    out = work / "out"
-    out.mkdir()
-    (out / "earlier.txt").write_text("an earlier run")
+    out = earlier_output(work / "out")
     before = snapshot(out)
     written = []
 

@@ -14,6 +14,7 @@ import pytest
 from matplotlib.image import imread
 from safetensors.numpy import load_file
 
+from llm_bip.checkpoint import OUTPUT_MARKER
 from llm_bip.cli import main
 from llm_bip.pruner import SUMMARY_FILE
 from llm_bip.scores import SCORES_FILE
@@ -105,7 +106,8 @@ def test_prune_run_report(run_dir, capsys):
     out = run_dir.parent / "run-report"  # default: a sibling of RUN
     assert f"wrote {out}" in capsys.readouterr().out
     assert snapshot(run_dir) == before
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md", "scores.png", "widths.png"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "report.html", "report.md", "scores.png",
+                                                     "widths.png"]
 
     summary, md = summary_of(run_dir), (out / "report.md").read_text()
     p = summary["parameters"]
@@ -211,7 +213,7 @@ def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_fi
     assert f"### {run_dir}" in evaluation
     ppl_table, task_table = tables(evaluation)
     [ppl] = records(ppl_table)
-    assert ppl == {"dataset": str(calib_text_file), "split": "test", "seqlen": "16", "windows": "10",
+    assert ppl == {"dataset": str(calib_text_file), "split": "-", "seqlen": "16", "windows": "10",
                    "tokens": str(result["perplexity"][0]["tokens"]), "ppl": ppl["ppl"]}
     assert float(ppl["ppl"]) == pytest.approx(result["perplexity"][0]["ppl"], rel=1e-4)
     scores = result["zeroshot"]["tasks"]["tiny_words"]
@@ -258,7 +260,7 @@ def test_eval_folder_alone(eval_dir, tmp_path):
     out = build_report(eval_dir, tmp_path / "report")
     md = (out / "report.md").read_text()
     assert [line for line in md.splitlines() if line.startswith("## ")] == ["## Evaluation"]
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "report.html", "report.md"]
     assert html_tags(out).tables == 2
 
 
@@ -275,8 +277,8 @@ def test_html_keeps_names_as_text():
     ("missing", ["no such run folder"]),
     ("empty", ["holds none of", SUMMARY_FILE]),
     ("bad-eval", ["--eval", EVAL_FILE]),
-    ("out-is-run", ["overlaps the run folder"]),
-    ("out-holds-run", ["overlaps the run folder"]),
+    ("out-is-run", ["is the input"]),
+    ("out-holds-run", ["holds the input"]),
 ])
 def test_bad_input_fails_with_one_line(run_dir, tmp_path, capsys, case, words):
     run = {"missing": tmp_path / "nope", "empty": tmp_path / "empty"}.get(case, run_dir)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm_bip import PruneConfig, prune, save_model
-from llm_bip.checkpoint import load_model
+from llm_bip.checkpoint import OUTPUT_MARKER, load_model
 from llm_bip.cli import main
 from llm_bip.errors import PruneError
 from llm_bip.tasks import CHOICES, ending_docs
@@ -74,7 +74,7 @@ def test_cli_writes_eval_folder(tiny_model_dir, calib_text_file, tmp_path, capsy
             "--limit", "8", "--out", str(out)]
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
-    assert [p.name for p in out.iterdir()] == [EVAL_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [EVAL_FILE, OUTPUT_MARKER]
     summary = json.loads((out / EVAL_FILE).read_text())
     assert summary["model"] == str(tiny_model_dir)
     assert [(p["dataset"], p["windows"]) for p in summary["perplexity"]] == [(str(calib_text_file), 10)]
@@ -88,7 +88,7 @@ def test_cli_writes_eval_folder(tiny_model_dir, calib_text_file, tmp_path, capsy
 
     assert main(argv) == 2  # an existing --out is refused before any work
     assert "already exists" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == [EVAL_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [EVAL_FILE, OUTPUT_MARKER]
 
 
 @pytest.mark.parametrize("task, message", [

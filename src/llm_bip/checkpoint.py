@@ -6,30 +6,36 @@ interrupted or failed run never leaves a folder that looks complete. Input files
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .adapters import adapter_for
+from .adapters import ADAPTERS, adapter_for
 from .env import offline
 from .errors import PruneError
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# In every folder llm-bip writes: --overwrite replaces only folders that hold it.
+OUTPUT_MARKER = "llm_bip_output.json"
 
 
 def embedded_gguf() -> Path:
@@ -53,12 +59,42 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_source(source: str) -> Path | str:
-    """A local folder holding an HF checkpoint (GGUF files converted once and cached), or a hub id."""
+def check_device(name: str, dtype: str = "float32") -> None:
+    """Refuse, before any model is loaded, a device torch does not know or this machine lacks; note once
+    that half precision on the CPU is slow."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise PruneError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise PruneError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= available:
+            raise PruneError(f"--device {name}: only {available} CUDA device(s) here (cuda:0..cuda:{available - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PruneError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise PruneError(f"--device {name}: llm-bip runs on cpu, cuda or mps")
+    resolve_dtype(dtype)
+    if device.type == "cpu" and dtype != "float32":
+        note_slow_cpu_dtype(dtype)
+
+
+@functools.cache
+def note_slow_cpu_dtype(dtype: str) -> None:
+    print(f"llm-bip: note: {dtype} on the CPU runs about 4x slower than float32 (no fast half-precision "
+          "kernels); statistics are float32/64 either way", file=sys.stderr)
+
+
+def resolve_source(source: str, prunable: bool = True) -> Path | str:
+    """A local folder holding an HF checkpoint (GGUF files converted once and cached), or a hub id.
+    ``prunable``: a GGUF file's architecture must have a pruning adapter (else: any transformers reads)."""
     if source == DEFAULT_MODEL:
         source = str(embedded_gguf())
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf_architecture(path, prunable)
         return gguf_as_hf_folder(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -71,6 +107,58 @@ def resolve_source(source: str) -> Path | str:
     if offline("HF_HUB_OFFLINE"):
         raise PruneError(f"{source}: no such local path, and the hub is offline (HF_HUB_OFFLINE is set)")
     return source
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF file's header, reading only the key-value pairs before it
+    (gguf's GGUFReader parses every tensor and vocabulary entry first: seconds on a small model)."""
+    sizes = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+             gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+             gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+             gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+    try:
+        with path.open("rb") as f:
+            def read(fmt: str):
+                return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+            def skip(kind: int) -> None:
+                kind = gguf.GGUFValueType(kind)
+                if kind == gguf.GGUFValueType.STRING:
+                    f.seek(read("Q"), os.SEEK_CUR)
+                elif kind == gguf.GGUFValueType.ARRAY:
+                    item, count = read("I"), read("Q")
+                    if item == gguf.GGUFValueType.STRING:
+                        for _ in range(count):
+                            skip(item)
+                    else:
+                        f.seek(sizes[gguf.GGUFValueType(item)] * count, os.SEEK_CUR)
+                else:
+                    f.seek(sizes[kind], os.SEEK_CUR)
+
+            if read("I") != gguf.GGUF_MAGIC:
+                raise ValueError("no GGUF magic number")
+            read("I"), read("Q")  # version, tensor count
+            for _ in range(read("Q")):
+                key, kind = f.read(read("Q")).decode(), read("I")
+                if key == "general.architecture" and kind == gguf.GGUFValueType.STRING:
+                    return f.read(read("Q")).decode()
+                skip(kind)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError) as err:
+        raise PruneError(f"{path}: not a readable GGUF file ({err})") from None
+    raise PruneError(f"{path}: the GGUF header names no general.architecture")
+
+
+def check_gguf_architecture(path: Path, prunable: bool) -> None:
+    """Refuse, from the header alone, a GGUF architecture that transformers cannot read or (``prunable``)
+    that no adapter prunes: before the minutes a dequantisation takes."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    architecture = gguf_architecture(path)
+    if prunable and architecture not in ADAPTERS:
+        raise PruneError(f"{path}: unsupported architecture {architecture!r} for pruning; supported: "
+                         f"{', '.join(sorted(ADAPTERS))}")
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise PruneError(f"{path}: transformers cannot read GGUF architecture {architecture!r}")
 
 
 def gguf_as_hf_folder(gguf: Path) -> Path:
@@ -95,11 +183,12 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     return target
 
 
-def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a local folder, hub id, GGUF file or llm-bip pruned folder."""
-    location = resolve_source(source)
+def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", prunable: bool = True):
+    """(model, tokenizer) from a local folder, hub id, GGUF file or llm-bip pruned folder. ``prunable``:
+    refuse architectures no adapter prunes (evaluation takes any causal LM transformers loads)."""
+    location = resolve_source(source, prunable)
     torch_dtype = resolve_dtype(dtype)
-    config = read_config(source, location)
+    config = read_config(source, location, prunable)
     try:
         model = load_pruned(location, dtype=dtype) if config.is_heterogeneous else load_stock(location, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -112,13 +201,15 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str 
     return model.to(device), tokenizer
 
 
-def read_config(source: str, location: Path | str):
-    """The model's config; a PruneError where it cannot be read or no adapter supports the architecture."""
+def read_config(source: str, location: Path | str, prunable: bool = True):
+    """The model's config; a PruneError where it cannot be read or (``prunable``) no adapter supports
+    the architecture."""
     try:
         config = AutoConfig.from_pretrained(location)
     except Exception as err:
         raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
-    adapter_for(config)
+    if prunable:
+        adapter_for(config)
     return config
 
 
@@ -236,20 +327,52 @@ def check_stored_shapes(where: Path | str, model, stored: dict[str, torch.Size])
     )
 
 
-def check_output_folder(out: str | Path, overwrite: bool) -> Path:
-    """Fail early, before any work, when the output exists and may not be replaced, or cannot be
-    created (missing parent folders are created when the output is written)."""
+def check_output_folder(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Fail early, before any work, when the output is, holds or lies inside one of ``inputs``, exists
+    and may not be replaced, or cannot be created (missing parent folders are made when it is written)."""
     out = Path(out)
+    check_apart_from_inputs(out, inputs)
     if out.exists() and not out.is_dir():
         raise PruneError(f"{out} exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists():
+        if not overwrite:
+            raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out)
     ancestor = next(a for a in out.absolute().parents if a.exists())  # missing parents are made when writing
     if not ancestor.is_dir():
         raise PruneError(f"cannot create {out}: {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK):
         raise PruneError(f"cannot write to {ancestor}")
     return out
+
+
+def check_apart_from_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output folder that is an input, holds one, or lies inside one (hub ids are not paths)."""
+    target = out.resolve()
+    for given in inputs:
+        path = Path(given)
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if target == source:
+            raise PruneError(f"--out {out} is the input {given}; choose another folder")
+        if target in source.parents:
+            raise PruneError(f"--out {out} holds the input {given}; choose a folder outside it")
+        if source in target.parents:
+            raise PruneError(f"--out {out} lies inside the input {given}; choose a folder outside it")
+
+
+def check_replaceable(out: Path) -> None:
+    """``--overwrite`` replaces a folder llm-bip wrote (it holds the marker file) or an empty one, nothing else."""
+    if not (out / OUTPUT_MARKER).is_file() and any(out.iterdir()):
+        raise PruneError(f"{out} was not written by llm-bip (it holds no {OUTPUT_MARKER}), so --overwrite "
+                         "will not replace it; remove it yourself or choose another --out")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -261,7 +384,9 @@ def atomic_folder(out: Path, overwrite: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output follows the umask
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "llm-bip"}) + "\n")
         _move_into_place(tmp, out, overwrite)
     except (OSError, SafetensorError) as err:
         raise PruneError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
@@ -277,6 +402,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out)
     old = tmp.with_name(tmp.name + "-replaced")
     out.rename(old)
     try:

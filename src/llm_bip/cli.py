@@ -12,13 +12,15 @@ from dataclasses import asdict, fields
 from importlib.metadata import version
 from pathlib import Path
 
-from .checkpoint import DEFAULT_MODEL, atomic_folder, check_output_folder, load_model
+from .checkpoint import (DEFAULT_MODEL, atomic_folder, check_apart_from_inputs, check_device, check_output_folder,
+                         embedded_gguf, load_model)
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
+from .data import check_text_source, is_corpus
 from .errors import PruneError
 from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
 from .methods import METHODS
-from .offload import BlockStore, open_offloaded
+from .offload import BlockStore, open_offloaded, partial_folder
 from .profiling import PhaseLog
 from .pruner import SUMMARY_FILE, PruneConfig, Pruner, config_for_scores, library_versions
 from .scores import SCORES_FILE, load_scores, save_scores
@@ -47,6 +49,12 @@ def _add_ppl_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="perplexity window length L (protocol default 128)")
     p.add_argument(f"--{prefix}max-tokens", type=int, default=None,
                    help="score only the first N tokens of the split (quick runs)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="measure perplexity again instead of reusing an identical earlier measurement (same "
+                        "weights, text, settings and library versions) kept in the llm-bip cache folder")
+
+
+SPLIT_HELP = "split of ptb, wikitext2 or c4 (default test); a text file is evaluated whole"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratios", default="0.2,0.5")
     c.add_argument("--seqlens", default="128,512", help="perplexity window lengths")
     c.add_argument("--ppl", default="ptb", help="comma-separated datasets or text files")
-    c.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    c.add_argument("--split", choices=["train", "valid", "test"], help=SPLIT_HELP)
     c.add_argument("--max-tokens", type=int, default=None, help="fixed subset: the first N tokens of the split")
     c.add_argument("--calibration", default=d.calibration)
     c.add_argument("--samples", type=int, default=d.n_samples)
@@ -115,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (pruned) model")
     _add_model_options(e)
     e.add_argument("--ppl", default="ptb", help="comma-separated: ptb, wikitext2, c4 or text files ('none' to skip)")
-    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("--split", choices=["train", "valid", "test"], help=SPLIT_HELP)
     _add_ppl_options(e)
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. boolq,piqa,hellaswag "
                                    "(hub data) or llm_bip_ptb_endings (shipped, offline)")
@@ -203,9 +211,44 @@ def prune_eval_corpus(args) -> str:
     return "none"
 
 
+def local_inputs(*sources) -> list[Path]:
+    """The sources that are local paths (the default model: its GGUF file); corpus names, hub ids and
+    unset options drop out."""
+    paths = []
+    for source in sources:
+        if source == DEFAULT_MODEL:
+            paths.append(embedded_gguf())
+        elif source is not None and not is_corpus(str(source)) and Path(source).exists():
+            paths.append(Path(source))
+    return paths
+
+
+def eval_split(split: str | None, corpora: list[str]) -> str:
+    """The split to evaluate: --split applies to named corpora; a file is evaluated whole."""
+    files = [c for c in corpora if not is_corpus(c)]
+    if split is not None and files:
+        raise PruneError(f"--split selects a split of ptb, wikitext2 or c4; {files[0]} is a file, evaluated whole")
+    return split or "test"
+
+
+def check_prune_inputs(args, corpus: str) -> Path:
+    """Every check that needs no model, before it is loaded: device, output folder apart from the inputs,
+    readable calibration and evaluation text. Returns the output folder."""
+    check_device(args.device, args.dtype)
+    inputs = local_inputs(args.model, args.calibration, args.scores, corpus)
+    out = check_output_folder(args.out, args.overwrite, inputs)
+    if args.offload:
+        check_apart_from_inputs(partial_folder(out), inputs)
+    if args.scores is None:
+        check_text_source(args.calibration)
+    if corpus != "none":
+        check_text_source(corpus)
+    return out
+
+
 def cmd_prune(args) -> None:
-    out = check_output_folder(args.out, args.overwrite)
     corpus = prune_eval_corpus(args)
+    out = check_prune_inputs(args, corpus)
     config = config_from_args(args)
     record = load_scores(args.scores) if args.scores else None
     if record is not None:
@@ -226,14 +269,16 @@ def cmd_prune(args) -> None:
     evals = {}
     if corpus != "none":
         with log.phase("eval_dense"):
-            evals["dense"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens)
+            evals["dense"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens,
+                                        cache=args.cache)
         print(f"dense:  {evals['dense']}")
     start = time.perf_counter()
     result = pruner.run()
     prune_wall = time.perf_counter() - start
     if corpus != "none":
         with log.phase("eval_pruned"):
-            evals["pruned"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens)
+            evals["pruned"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens,
+                                         cache=args.cache)
         print(f"pruned: {evals['pruned']}")
     summary = result.summary()
     summary.update(model=args.model, dtype=args.dtype, device=args.device, prune_wall_s=round(prune_wall, 3),
@@ -266,13 +311,18 @@ def print_row(row: dict) -> None:
 
 
 def cmd_compare(args) -> None:
-    check_output_folder(args.out, args.overwrite)
+    check_device(args.device, args.dtype)
+    datasets = [d for d in args.ppl.split(",") if d]
+    split = eval_split(args.split, datasets)
+    check_output_folder(args.out, args.overwrite, local_inputs(args.model, args.calibration, *datasets))
+    for source in [args.calibration, *datasets]:
+        check_text_source(source)
     base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
                        batch_size=args.batch_size, seed=args.seed)
     spec = CompareSpec(
         methods=[m.replace(";", ",") for m in args.methods.split(",") if m], base=base,
         ratios=[float(r) for r in args.ratios.split(",")], seqlens=[int(s) for s in args.seqlens.split(",")],
-        datasets=[d for d in args.ppl.split(",") if d], split=args.split, max_tokens=args.max_tokens,
+        datasets=datasets, split=split, max_tokens=args.max_tokens,
     )
     for method in spec.methods:  # fail on a bad spec before any long work
         parse_method(method, base)[1].resolved()
@@ -289,21 +339,25 @@ def cmd_eval(args) -> None:
     names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not corpora and not names:
         raise PruneError("nothing to evaluate: pass --tasks, or --ppl other than none")
+    check_device(args.device, args.dtype)
+    split = eval_split(args.split, corpora)
     if args.out:
-        check_output_folder(args.out, args.overwrite)
+        check_output_folder(args.out, args.overwrite, local_inputs(args.model, *corpora, *(args.include_path or [])))
+    for corpus in corpora:
+        check_text_source(corpus)
     log = PhaseLog()
     tasks = {}
     if names:
         with log.phase("load_tasks"):  # before the model: a task that cannot run fails fast
             tasks = load_tasks(names, args.include_path)
     with log.phase("load"):
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, prunable=False)
     summary = {"model": args.model, "dtype": args.dtype, "device": args.device, "perplexity": [], "zeroshot": None}
     if corpora:
         with log.phase("perplexity"):
             for corpus in corpora:
-                result = perplexity(model, tokenizer, corpus, args.split, args.seqlen, args.max_tokens,
-                                    args.batch_size)
+                result = perplexity(model, tokenizer, corpus, split, args.seqlen, args.max_tokens, args.batch_size,
+                                    cache=args.cache)
                 print(result)
                 summary["perplexity"].append(result.as_dict())
     if tasks:
@@ -319,7 +373,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench_speed(args) -> None:
-    out = check_output_folder(args.out, args.overwrite)
+    check_device(args.device, args.dtype)
+    out = check_output_folder(args.out, args.overwrite, local_inputs(*args.models))
     settings = SpeedSettings(
         batch_sizes=parse_sizes(args.batch_sizes, "--batch-sizes"), lengths=parse_sizes(args.lengths, "--lengths"),
         decode_tokens=args.decode_tokens, prompt_length=args.prompt_length, repeats=args.repeats,

@@ -21,7 +21,7 @@ import torch
 from .checkpoint import atomic_folder
 from .data import calibration_ids
 from .errors import PruneError
-from .evaluation import perplexity
+from .evaluation import perplexity, text_label
 from .profiling import PhaseLog
 from .pruner import PruneConfig, Pruner, library_versions
 from .tables import markdown_table
@@ -129,7 +129,7 @@ def results_table(results: dict) -> str:
               r.get("prune_wall_s", "-"), r.get("time_vs_forward", "-"), r.get("prune_peak_rss_mb", "-")] for r in rows]
     first = rows[0]["ppl"][keys[0]]
     floor = results["floor_forward"]
-    note = (f"Perplexity over {first['tokens']:,} scored tokens of {first['dataset']}/{first['split']} "
+    note = (f"Perplexity over {first['tokens']:,} scored tokens of {text_label(first['dataset'], first['split'])} "
             f"(L={first['seqlen']}); one plain forward over the {results['calibration_tokens']:,} calibration "
             f"tokens took {floor['wall_s']} s (peak RSS {floor['peak_rss_mb']} MB).")
     return f"{markdown_table(head, cells)}\n\n{note}\n"

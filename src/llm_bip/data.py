@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,10 +21,33 @@ C4_FILES = {
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
 TEXT_FIELDS = ("text", "content", "output")
+# byte-order marks and the codec each declares; UTF-32's are tested first (UTF-16 LE's is a prefix of one)
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+# control characters that text does not hold (tab, newlines, form feed and vertical tab are text)
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+MAX_CONTROL_SHARE = 0.001
+
+
+def is_corpus(source: str) -> bool:
+    """True for a named corpus with splits; anything else is a file, read whole."""
+    return source == "ptb" or source in HUB_DATASETS
+
+
+def check_text_source(source: str) -> None:
+    """Refuse, before any model work, a text source that cannot be read: a hub corpus while the hub is
+    offline, a file that is missing or not text."""
+    if source in HUB_DATASETS:
+        _check_hub_reachable(source)
+    elif source != "ptb":
+        load_text(source)
 
 
 def load_text(source: str, split: str = "train") -> str:
-    """Raw text of a named corpus split ('ptb', 'wikitext2', 'c4') or of a local .txt/.json/.jsonl file."""
+    """Raw text of a named corpus split ('ptb', 'wikitext2', 'c4') or of a local .txt/.json/.jsonl file
+    (read whole: ``split`` applies to named corpora only)."""
     if split not in ("train", "valid", "test"):
         raise PruneError(f"unknown split {split!r}; use train, valid or test")
     if source == "ptb":
@@ -42,14 +67,36 @@ def load_text(source: str, split: str = "train") -> str:
 def _read_local_text(path: Path) -> str:
     """Plain text as is; JSON/JSONL records joined through their text (or instruction) fields."""
     if path.suffix not in (".json", ".jsonl"):
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_text_file(path)
     return "\n\n".join(_record_text(r) for r in read_json_records(path))
+
+
+def read_text_file(path: Path) -> str:
+    """A text file decoded strictly: UTF-8, or the encoding its byte-order mark declares. Binary data,
+    undecodable bytes and UTF-16/32 without a byte-order mark are refused, naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise PruneError(f"{path}: cannot read ({err.strerror})") from None
+    encoding = next((codec for mark, codec in BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise PruneError(f"{path}: not {encoding.upper().removesuffix('-SIG')} text (undecodable byte at offset "
+                         f"{err.start}); save it as UTF-8 or with a byte-order mark") from None
+    controls = len(CONTROL.findall(text))
+    if "\x00" in text or controls > MAX_CONTROL_SHARE * len(text):
+        raise PruneError(f"{path}: not text ({controls} of {len(text)} characters are NULs or control characters: "
+                         "a binary file, or UTF-16/32 without a byte-order mark)")
+    if not text.strip():
+        raise PruneError(f"{path}: the file is empty")
+    return text
 
 
 def read_json_records(path: Path):
     """The value of a .json file, or the list of one value per non-blank line of a .jsonl file;
     a PruneError names the line that is not valid JSON."""
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = read_text_file(path)
     if path.suffix != ".jsonl":
         try:
             return json.loads(raw)
@@ -79,9 +126,13 @@ def _record_text(record) -> str:
     raise PruneError(f"JSON record has none of the fields {', '.join(TEXT_FIELDS)} or 'instruction'")
 
 
-def _load_hub_text(name: str, split: str) -> str:
+def _check_hub_reachable(name: str) -> None:
     if offline("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         raise PruneError(f"dataset {name!r} comes from the hub, which is offline here; use 'ptb' or a local file")
+
+
+def _load_hub_text(name: str, split: str) -> str:
+    _check_hub_reachable(name)
     import datasets
 
     path, config, splits = HUB_DATASETS[name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -9,25 +11,33 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_text, needs_bos, tokenize, with_bos
+from .checkpoint import cache_dir
+from .data import is_corpus, load_text, needs_bos, tokenize, with_bos
 from .errors import PruneError
 
 
 @dataclass
 class Perplexity:
     dataset: str
-    split: str
+    split: str | None  # None for a file, which is evaluated whole
     seqlen: int
     windows: int
     tokens: int
     ppl: float
+    cached: bool = False
 
     def __str__(self) -> str:
-        return (f"{self.dataset}/{self.split} perplexity {self.ppl:.3f} "
-                f"(L={self.seqlen}, {self.windows} windows, {self.tokens} tokens scored)")
+        return (f"{text_label(self.dataset, self.split)} perplexity {self.ppl:.3f} (L={self.seqlen}, "
+                f"{self.windows} windows, {self.tokens} tokens scored{', cached' if self.cached else ''})")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The measurement (how it was obtained, ``cached``, left out)."""
+        return {k: v for k, v in asdict(self).items() if k != "cached"}
+
+
+def text_label(dataset: str, split: str | None) -> str:
+    """'ptb/test' for a corpus split, the path alone for a file."""
+    return dataset if split is None else f"{dataset}/{split}"
 
 
 def eval_windows(tokenizer, ids: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -53,13 +63,55 @@ def window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool = T
 
 
 def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seqlen: int = 128,
-               max_tokens: int | None = None, batch_size: int | None = None, progress: bool = True) -> Perplexity:
-    """exp(mean NLL) over the joined ``split`` text of ``dataset`` (optionally its first ``max_tokens``)."""
+               max_tokens: int | None = None, batch_size: int | None = None, progress: bool = True,
+               cache: bool = False) -> Perplexity:
+    """exp(mean NLL) over the joined ``split`` text of ``dataset`` (a file: the whole file), optionally its
+    first ``max_tokens``. ``cache``: reuse the result of an earlier identical measurement (same weights,
+    tokenizer, text, settings and library versions), kept in the llm-bip cache folder."""
     if seqlen < 2:
         raise PruneError("--seqlen must be at least 2")
-    ids = tokenize(tokenizer, load_text(dataset, split))
+    text = load_text(dataset, split)
+    ids = tokenize(tokenizer, text)
     if max_tokens:
         ids = ids[:max_tokens]
     windows = eval_windows(tokenizer, ids, seqlen)
-    nll, count = window_nll(model, windows, batch_size or max(1, 2048 // seqlen), progress)
-    return Perplexity(dataset, split, seqlen, windows.shape[0], count, math.exp(nll / count))
+    batch_size = batch_size or max(1, 2048 // seqlen)
+    label = split if is_corpus(dataset) else None
+    entry = cache_dir() / "perplexity" / f"{measurement_key(model, windows, batch_size)}.json" if cache else None
+    if entry is not None and entry.is_file():
+        return Perplexity(**{**json.loads(entry.read_text()), "dataset": dataset, "split": label, "cached": True})
+    nll, count = window_nll(model, windows, batch_size, progress)
+    result = Perplexity(dataset, label, seqlen, windows.shape[0], count, math.exp(nll / count))
+    if entry is not None:
+        write_cache_entry(entry, result)
+    return result
+
+
+def measurement_key(model, windows: torch.Tensor, batch_size: int) -> str:
+    """A digest of everything a perplexity depends on: the weights and config, the token windows
+    (so the tokenizer and text), the batching and the library versions."""
+    import transformers
+
+    from . import __version__
+
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    settings = {"config": config, "batch_size": batch_size, "device": next(model.parameters()).device.type,
+                "torch": torch.__version__, "transformers": transformers.__version__, "llm_bip": __version__}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    digest.update(windows.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def write_cache_entry(entry, result: Perplexity) -> None:
+    """Keep ``result``; a cache that cannot be written is no error (the next run measures again)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(entry.name + ".tmp")
+        tmp.write_text(json.dumps(result.as_dict()))
+        tmp.replace(entry)
+    except OSError:
+        pass

@@ -30,8 +30,8 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from transformers import DataCollatorForSeq2Seq
 
 from .adapters import adapter_for
-from .checkpoint import check_output_folder, load_model, save_model
-from .data import needs_bos, read_json_records, tokenize
+from .checkpoint import check_apart_from_inputs, check_device, check_output_folder, load_model, save_model
+from .data import check_text_source, needs_bos, read_json_records, read_text_file, tokenize
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
@@ -77,6 +77,7 @@ class FinetuneConfig:
     eval: str = "ptb"  # perplexity before/after on its test split; "none" skips
     eval_seqlen: int = 128
     eval_max_tokens: int | None = None
+    cache: bool = True  # reuse an identical earlier perplexity measurement (evaluation.perplexity)
 
     def validate(self) -> None:
         if min(self.lora_r, self.lora_alpha, self.batch_size, self.grad_accum, self.save_steps, self.log_steps) < 1:
@@ -143,10 +144,7 @@ def read_data(path: str | Path) -> DataFile:
     fmt = data_format(path)
     if fmt != "text":
         return DataFile(str(path), fmt, read_records(path))
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise PruneError(f"{path}: the data file is empty")
-    return DataFile(str(path), fmt, text)
+    return DataFile(str(path), fmt, read_text_file(path))
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -285,11 +283,16 @@ def finetune(source: str, out: str | Path, config: FinetuneConfig, device: str =
     """Fine-tune LoRA adapters on ``config.data``, merge them and write the model to ``out`` as
     ``llm-bip prune`` does, the summary gaining a "finetune" section; returns the summary."""
     config.validate()
+    check_device(device, dtype)
+    if config.eval != "none":
+        check_text_source(config.eval)
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         raise PruneError("FSDP is not supported yet: merging needs the full LoRA weights in every process; "
                          "launch data parallel instead (accelerate launch --multi_gpu ...)")
-    out = check_output_folder(out, overwrite)
+    inputs = [source, config.data, *([config.eval] if config.eval != "none" else [])]
+    out = check_output_folder(out, overwrite, inputs)
     checkpoints = checkpoint_folder(out)
+    check_apart_from_inputs(checkpoints, inputs)
     resume_from = resume_point(checkpoints, resume, overwrite)
     data_file = read_data(config.data)  # bad data fails before the model loads
     log = PhaseLog()
@@ -350,7 +353,7 @@ def run_record(config: FinetuneConfig, data: TrainingData, args: TrainingArgumen
 
 def evaluate(model, tokenizer, config: FinetuneConfig, progress: bool) -> dict:
     result = perplexity(model, tokenizer, config.eval, "test", config.eval_seqlen, config.eval_max_tokens,
-                        progress=progress)
+                        progress=progress, cache=config.cache)
     if progress:
         print(result, flush=True)
     return result.as_dict()

@@ -448,21 +448,13 @@ def default_out(run: Path) -> Path:
     return run.parent / f"{run.name}-report"
 
 
-def check_apart(out: Path, run: Path) -> None:
-    """The report never goes into RUN, nor replaces a folder that holds RUN."""
-    out, run = out.resolve(), run.resolve()
-    if out == run or run in out.parents or out in run.parents:
-        raise PruneError(f"--out {out} overlaps the run folder {run}; choose a folder outside it")
-
-
 def build_report(run: Path, out: Path | None = None, speed: Path | None = None, evals: Sequence[Path] = (),
                  overwrite: bool = False) -> Path:
     """Write report.md, report.html and the plots for ``run`` into ``out`` (default: ``<RUN>-report``)."""
     run = Path(run)
     data = load_run(run, speed, [Path(p) for p in evals])
     out = Path(out) if out is not None else default_out(run)
-    check_apart(out, run)
-    check_output_folder(out, overwrite)
+    check_output_folder(out, overwrite, inputs=[run, *([speed] if speed else []), *evals])
     with atomic_folder(out, overwrite) as tmp:
         text = report_markdown(data, tmp)
         (tmp / REPORT_MD).write_text(text)
