@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -286,3 +288,14 @@ def test_prune_reuses_the_dense_perplexity(capsys, work, tiny_model_dir, calib_t
     assert lines[1] == [line.replace("scored)", "scored, cached)") for line in lines[0]]
     assert main([*argv[:3], str(work / "c"), *argv[4:], "--no-cache"]) == 0
     assert "cached" not in capsys.readouterr().out
+
+
+def test_per_layer_checkpoints_load_without_warnings(tmp_path, tiny_model_dir, calib_text_file):
+    out = tmp_path / "out"
+    assert main(prune_args(tiny_model_dir, out, calib_text_file, "--allocation", "global")) == 0
+    script = "import sys; from llm_bip.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, "eval", str(out), "--ppl", str(calib_text_file), *EVAL,
+                           "--no-cache"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "per-layer" not in proc.stderr and "warning" not in proc.stderr.lower(), proc.stderr

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # In every folder llm-bip writes: --overwrite replaces only folders that hold it.
 OUTPUT_MARKER = "llm_bip_output.json"
+
+
+class PerLayerAccessFilter(logging.Filter):
+    """Drops transformers' warning that a global width of a per-layer config was read: its own Llama
+    code reads them on every load and save of a per-layer checkpoint, which llm-bip allows on purpose
+    (surgery.describe_widths keeps the global fields at the widest block)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "for per-layer attribute" not in record.getMessage()
+
+
+logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").addFilter(PerLayerAccessFilter())
 
 
 def embedded_gguf() -> Path:
