@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, load_pruned, prune, save_model
 from llm_bip.checkpoint import load_model
-from llm_bip.scores import SCORES_FILE, save_scores
+from llm_bip.outputs import SCORES_FILE
+from llm_bip.scores import save_scores
 from tiny_models import random_ids, tiny_model
 
 VARIANTS = ["llama-mha", "llama-gqa", "llama-gqa-bias", "qwen2-gqa", "mistral-gqa"]

@@ -23,8 +23,8 @@ from llm_bip.finetune import (
     FinetuneConfig, add_lora, alpaca_prompt, build_training_data, checkpoint_folder, finetune, loss_history, read_data,
     train, training_arguments,
 )
-from llm_bip.pruner import SUMMARY_FILE
-from llm_bip.scores import SCORES_FILE, save_scores
+from llm_bip.outputs import SCORES_FILE, SUMMARY_FILE
+from llm_bip.scores import save_scores
 from test_cli_errors import assert_fails_cleanly, snapshot
 
 RECORDS = [

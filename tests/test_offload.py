@@ -14,7 +14,7 @@ from conftest import build_tokenizer
 from llm_bip import load_pruned, offload
 from llm_bip.checkpoint import read_weights
 from llm_bip.cli import main
-from llm_bip.scores import SCORES_FILE
+from llm_bip.outputs import SCORES_FILE
 from test_cli_errors import assert_fails_cleanly, prune_args, snapshot
 from tiny_models import random_ids, tiny_model
 

@@ -20,11 +20,12 @@ from .finetune import FinetuneConfig, finetune
 from .methods import METHODS
 from .offload import BlockStore, open_offloaded
 from .profiling import PhaseLog
-from .pruner import SUMMARY_FILE, PruneConfig, Pruner, config_for_scores, library_versions
-from .scores import SCORES_FILE, load_scores, save_scores
+from .outputs import EVAL_FILE, SCORES_FILE, SUMMARY_FILE, library_versions
+from .pruner import PruneConfig, Pruner, config_for_scores
+from .scores import load_scores, save_scores
 from .report import build_report
 from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
-from .zeroshot import EVAL_FILE, load_tasks, zero_shot, zero_shot_table
+from .zeroshot import load_tasks, zero_shot, zero_shot_table
 
 
 def _int_list(text: str) -> list[int]:

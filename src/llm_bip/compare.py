@@ -23,7 +23,8 @@ from .data import calibration_ids
 from .errors import PruneError
 from .evaluation import perplexity
 from .profiling import PhaseLog
-from .pruner import PruneConfig, Pruner, library_versions
+from .outputs import library_versions
+from .pruner import PruneConfig, Pruner
 from .tables import markdown_table
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}

@@ -35,8 +35,7 @@ from .data import needs_bos, read_json_records, tokenize
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
-from .pruner import SUMMARY_FILE, library_versions
-from .scores import SCORES_FILE
+from .outputs import SCORES_FILE, SUMMARY_FILE, library_versions
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapters import BlockView, ModelAdapter, Widths, adapter_for
 from .allocation import AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units
 from .calibration import BlockInputs, accumulate_lm_gradients, capture_block_inputs, collect_block_stats, forward_block
@@ -18,6 +16,7 @@ from .errors import PruneError
 from .methods import METHODS, method_defaults
 from .metrics import Metric, ScoreOptions, UnitScores, make_metric
 from .offload import BlockStore, Progress
+from .outputs import __version__, library_versions
 from .profiling import PhaseLog
 from .scores import SCORING_FIELDS, ScoreRecord
 from .surgery import compensate_bias, describe_widths, prune_block
@@ -117,12 +116,6 @@ class PruneResult:
             "versions": library_versions(),
         }
 
-
-def library_versions() -> dict[str, str]:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "llm_bip": __version__}
 
 
 def count_block_params(views: list[BlockView]) -> int:
@@ -322,5 +315,3 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tens
     result = Pruner(model, tokenizer, config or PruneConfig(), calib, record).run()
     return model, result
 
-
-SUMMARY_FILE = "llm_bip_summary.json"

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import PruneError
 from .metrics import UnitScores
+from .outputs import SCORES_FILE
 
-SCORES_FILE = "llm_bip_scores.safetensors"
 METADATA_KEY = "llm_bip_scores"
 # PruneConfig fields that decide the scores; a re-prune must agree with the run that made them
 SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "calibration", "n_samples",

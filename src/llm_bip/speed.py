@@ -30,10 +30,9 @@ from .adapters import adapter_for
 from .checkpoint import atomic_folder, load_model, resolve_source
 from .errors import PruneError
 from .profiling import PhaseLog
-from .pruner import library_versions
+from .outputs import SPEED_FILE, library_versions
 from .tables import markdown_table
 
-SPEED_FILE = "llm_bip_speed.json"
 TABLE_FILE = "speed.md"
 
 
