@@ -198,7 +198,7 @@ def padding_collator(tokenizer) -> DataCollatorForSeq2Seq:
 def lora_targets(model) -> list[str]:
     """Module names of the seven block projections (q/k/v/o/gate/up/down), as the adapter knows them."""
     view = adapter_for(model.config).block(model, 0)
-    projections = {id(m) for m in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down)}
+    projections = {id(m) for m in view.linears()}
     return sorted({name.rsplit(".", 1)[-1] for name, m in view.layer.named_modules() if id(m) in projections})
 
 

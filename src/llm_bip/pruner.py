@@ -229,7 +229,7 @@ class Pruner:
         return plans, scores, norms
 
     def _block_weights(self) -> list[torch.nn.Parameter]:
-        return [m.weight for v in self.views for m in (v.q, v.k, v.v, v.o, v.gate, v.up, v.down)]
+        return [m.weight for v in self.views for m in v.linears()]
 
     def _calibration_inputs(self) -> BlockInputs | None:
         if not self.collect_stats:
