@@ -186,7 +186,7 @@ def _safetensors_enospc(*_args, **_kwargs):  # how safetensors' Rust writer repo
 @pytest.mark.parametrize("target,failure,cause", [
     ("transformers.modeling_utils.safe_save_file", _safetensors_enospc, "No space left on device"),
     ("transformers.modeling_utils.safe_save_file", _eacces, "Permission denied"),
-    ("llm_bip.cli.save_scores", _enospc, "No space left on device"),  # after weights and tokenizer
+    ("llm_bip.job.save_scores", _enospc, "No space left on device"),  # after weights and tokenizer
 ], ids=["weights-disk-full", "weights-no-permission", "scores-disk-full"])
 def test_failed_write(capsys, monkeypatch, work, tiny_model_dir, calib_text_file, target, failure, cause, existing):
     out = work / "out"
@@ -237,7 +237,7 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
         os.kill(os.getpid(), sig)  # a real signal to this process, delivered at the next bytecode
         time.sleep(30)
 
-    monkeypatch.setattr("llm_bip.cli.save_scores", signalled_save_scores)
+    monkeypatch.setattr("llm_bip.job.save_scores", signalled_save_scores)
     handler = signal.getsignal(signal.SIGTERM)
     rc = main(prune_args(tiny_model_dir, out, calib_text_file, "--overwrite"))
     stderr = capsys.readouterr().err
@@ -254,12 +254,13 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
 STALLED_SAVE = """
 import sys, time
 import llm_bip.cli as cli
+import llm_bip.job as job
 
 def stalled_save_scores(path, record):
     (path.parent / "stalled").touch()
     time.sleep(300)
 
-cli.save_scores = stalled_save_scores
+job.save_scores = stalled_save_scores
 sys.exit(cli.main(sys.argv[1:]))
 """
 

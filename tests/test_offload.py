@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tokenizer
-from llm_bip import load_pruned, offload
+from llm_bip import load_pruned, shards
 from llm_bip.checkpoint import read_weights
 from llm_bip.cli import main
 from llm_bip.outputs import SCORES_FILE
@@ -123,8 +123,8 @@ class Interrupt:
     """Ctrl-C at the n-th file the offloaded run writes (progress, cut blocks, output shards)."""
 
     def __init__(self, monkeypatch, n: int):
-        self.left, self.save_file = n, offload.save_file
-        monkeypatch.setattr(offload, "save_file", self)
+        self.left, self.save_file = n, shards.save_file
+        monkeypatch.setattr(shards, "save_file", self)
 
     def __call__(self, *args, **kwargs):
         self.left -= 1

@@ -4,7 +4,9 @@ from .checkpoint import load_model, load_pruned, save_model
 from .errors import PruneError
 from .evaluation import perplexity
 from .outputs import __version__
-from .pruner import PruneConfig, PruneResult, prune
+from .config import PruneConfig
+from .job import run_prune
+from .pruner import PruneResult, prune
 
 __all__ = ["PruneConfig", "PruneError", "PruneResult", "__version__", "load_model", "load_pruned", "perplexity",
-           "prune", "save_model"]
+           "prune", "run_prune", "save_model"]

@@ -47,6 +47,11 @@ class ScoreRecord:
         if missing:
             raise PruneError(f"--scores hold no scores for layers {missing} (kept dense when scored)")
 
+    def only(self, layers: list[int]) -> "ScoreRecord":
+        """The record of ``layers`` alone."""
+        return ScoreRecord({i: self.scores[i] for i in layers}, {i: self.norms[i] for i in layers},
+                           {i: m for i, m in self.means.items() if i in layers}, self.settings, self.widths)
+
 
 def save_scores(path: str | Path, record: ScoreRecord) -> None:
     """``layer{i}.heads`` / ``.channels`` / ``.output_norm`` (and ``.attn_mean`` / ``.ffn_mean`` when
