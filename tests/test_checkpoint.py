@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_bip import PruneConfig, load_pruned, prune, save_model
+from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.checkpoint import load_model
 from llm_bip.outputs import SCORES_FILE
 from llm_bip.scores import save_scores
@@ -54,7 +54,7 @@ def test_per_layer_widths_reload_with_load_pruned(variant, tmp_path):
 def test_load_model_dispatches_pruned_folders(tmp_path):
     model = pruned("llama-gqa", "global")
     save_model(model, None, tmp_path / "out", overwrite=False)
-    with pytest.raises(Exception):  # no tokenizer was saved: load_model needs one, load_pruned does not
+    with pytest.raises(PruneError, match="cannot load model"):  # no tokenizer: load_model needs one, load_pruned not
         load_model(str(tmp_path / "out"))
     assert load_pruned(tmp_path / "out").config.is_heterogeneous
 
@@ -68,7 +68,7 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
     def failing_extras(_tmp):
         raise RuntimeError("disk full")
 
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(PruneError, match="already exists"):
         save_model(model, None, out, overwrite=False)
     with pytest.raises(RuntimeError, match="disk full"):
         save_model(model, None, out, overwrite=True, extras=failing_extras)

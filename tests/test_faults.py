@@ -23,11 +23,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import build_tokenizer
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.cli import main
 from test_cli_errors import assert_fails_cleanly, error_message, prune_args, snapshot
-from tiny_models import random_ids, tiny_model
+from tiny_models import build_tokenizer, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")

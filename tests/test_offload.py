@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tokenizer
 from llm_bip import load_pruned, shards
 from llm_bip.checkpoint import read_weights
 from llm_bip.cli import main
 from llm_bip.outputs import SCORES_FILE
 from test_cli_errors import assert_fails_cleanly, prune_args, snapshot
-from tiny_models import random_ids, tiny_model
+from tiny_models import build_tokenizer, random_ids, tiny_model
 
 CONFIGS = {
     "bip": [],  # llama: bias compensation on, exact head scores
