@@ -123,7 +123,7 @@ def score_and_cut(stack: Stack, config: PruneConfig, alloc: AllocationOptions, c
             else:
                 dense, _ = _pass(stack, config, metric, inputs, progress, "scoring")
                 counts = allocate(stack.units(dense.scores, dense.norms, alloc.gqa), stack.parameters(), alloc)
-            return _pass(stack, config, metric, inputs, progress, "sequential", (counts, alloc.gqa))
+            return _pass(stack, config, metric, inputs, progress, "sequential", counts)
 
 
 @contextmanager
@@ -151,11 +151,12 @@ def _calibration_inputs(stack: Stack, config: PruneConfig, metric: Metric, calib
 
 def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs | None,
           progress: ProgressStore | None, stage: str,
-          cutting: tuple[dict[int, tuple[int, int]], str] | None = None) -> tuple[ScoreRecord, dict[int, LayerPlan]]:
+          counts: dict[int, tuple[int, int]] | None = None) -> tuple[ScoreRecord, dict[int, LayerPlan]]:
     """One pass down the stack: score every prunable block on its calibration inputs.
 
-    With ``cutting`` (removal counts per block, gqa) each block is cut right after it is scored and
-    the next block sees the cut block's outputs. Returns the record and the plans of the cut blocks.
+    With ``counts`` (attention units and channels each block loses) each block is cut right after
+    it is scored, and the next block sees the cut block's outputs. Returns the record and the plans
+    of the cut blocks.
     """
     record = ScoreRecord({}, {}, {}, config.scoring_settings(), [w.as_dict() for w in stack.widths()])
     done = progress.load(stage, inputs) if progress is not None else None
@@ -164,22 +165,22 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
         start, inputs = done.next_block, done.inputs
         record = replace(record, scores=done.record.scores, norms=done.record.norms, means=done.record.means)
     means = record.means if config.compensate else None
+    cutting = counts is not None
     plans = {}
-    if cutting is not None:  # blocks cut before an interruption are cut again (offloaded: their shapes)
-        counts, gqa = cutting
-        plans = {i: select_units(stack.block_units(i, s, gqa), *counts[i]) for i, s in record.scores.items()}
+    if cutting:  # blocks cut before an interruption are cut again (offloaded: their shapes)
+        plans = {i: select_units(stack.block_units(i, s, config.gqa), *counts[i]) for i, s in record.scores.items()}
         _cut_blocks(stack, plans, range(start), means)
-    for i in tqdm(range(start, len(stack.views)), desc="scoring blocks" if cutting is None else "pruning blocks"):
+    for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
         view = stack.views[i]
-        with stack.blocks.resident(i, write=cutting is not None):
+        with stack.blocks.resident(i, write=cutting):
             stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
             if i in stack.prunable:
                 record.scores[i] = metric.score(view, stats, i)
                 record.norms[i] = stats.output_norm if stats is not None else 1.0
                 if means is not None:
                     means[i] = (stats.attn_mean(), stats.ffn_mean())
-                if cutting is not None:
-                    plans[i] = select_units(stack.block_units(i, record.scores[i], gqa), *counts[i])
+                if cutting:
+                    plans[i] = select_units(stack.block_units(i, record.scores[i], config.gqa), *counts[i])
                     _cut(stack, i, plans[i], means)
                     outputs = forward_block(view.layer, inputs)
             if progress is not None:
