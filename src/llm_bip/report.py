@@ -64,7 +64,7 @@ def read_json(path: Path) -> dict:
 
 
 def read_scores(path: Path) -> dict[int, dict[str, np.ndarray]]:
-    """``layer{i}.heads`` / ``layer{i}.channels`` tensors (see pruner.save_scores) as {i: {kind: array}}."""
+    """``layer{i}.heads`` / ``layer{i}.channels`` tensors (see scores.save_scores) as {i: {kind: array}}."""
     try:
         tensors = load_file(str(path))
     except Exception as err:
