@@ -89,12 +89,8 @@ def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progres
           log: PhaseLog | None = None) -> ScoreRecord:
     """Phase one: every prunable block's scores on the calibration token ids ``calib``; no block changes."""
     log = log or PhaseLog()
-    metric = make_metric(config.metric, config.score_options())
-    with _lm_gradients(stack, metric, calib, config.batch_size, log):
-        inputs = _calibration_inputs(stack, config, metric, calib, log)
-        with log.phase("scoring"):
-            record, _ = _pass(stack, config, metric, inputs, progress, "scoring")
-    return record
+    with _calibrated(stack, config, calib, log) as (metric, inputs), log.phase("scoring"):
+        return _pass(stack, config, metric, inputs, progress, "scoring")[0]
 
 
 def cut(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, compensate: bool) -> dict[int, LayerPlan]:
@@ -114,26 +110,25 @@ def score_and_cut(stack: Stack, config: PruneConfig, alloc: AllocationOptions, c
     and cut right away. The counts per block come first: from sizes for the uniform allocation,
     otherwise from a dense scoring pass (a global ranking needs every block's scores)."""
     log = log or PhaseLog()
-    metric = make_metric(config.metric, config.score_options())
-    with _lm_gradients(stack, metric, calib, config.batch_size, log):
-        inputs = _calibration_inputs(stack, config, metric, calib, log)
-        with log.phase("scoring_and_surgery"):
-            if alloc.allocation == "uniform":
-                counts = size_counts(stack, alloc)
-            else:
-                dense, _ = _pass(stack, config, metric, inputs, progress, "scoring")
-                counts = allocate(stack.units(dense.scores, dense.norms, alloc.gqa), stack.parameters(), alloc)
-            return _pass(stack, config, metric, inputs, progress, "sequential", counts)
+    with _calibrated(stack, config, calib, log) as (metric, inputs), log.phase("scoring_and_surgery"):
+        if alloc.allocation == "uniform":
+            counts = size_counts(stack, alloc)
+        else:
+            dense, _ = _pass(stack, config, metric, inputs, progress, "scoring")
+            counts = allocate(stack.units(dense.scores, dense.norms, alloc.gqa), stack.parameters(), alloc)
+        return _pass(stack, config, metric, inputs, progress, "sequential", counts)
 
 
 @contextmanager
-def _lm_gradients(stack: Stack, metric: Metric, calib: torch.Tensor | None, batch_size: int, log: PhaseLog):
-    """For a metric that reads them, the LM-loss gradients in the block weights' ``.grad`` meanwhile."""
+def _calibrated(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, log: PhaseLog):
+    """(the run's metric, block 0's calibration inputs); for a metric that reads them, the LM-loss
+    gradients are in the block weights' ``.grad`` meanwhile."""
+    metric = make_metric(config.metric, config.score_options())
     try:
         if metric.needs_gradients:
             with log.phase("gradients"):
-                accumulate_lm_gradients(stack.model, stack.weights(), calib, batch_size)
-        yield
+                accumulate_lm_gradients(stack.model, stack.weights(), calib, config.batch_size)
+        yield metric, _calibration_inputs(stack, config, metric, calib, log)
     finally:
         for weight in stack.weights():
             weight.grad = None
