@@ -1,6 +1,7 @@
-"""Saved scores: every unit's score plus what the cut needs besides (output norms for normalised
-ranking, calibration means for bias compensation), with the settings and widths they belong to.
-Pruning again from them at another ratio or allocation needs no data and no forward pass."""
+"""The record between the two phases of pruning (engine.py), and its file: every unit's score plus
+what the cut needs besides (output norms for normalised ranking, calibration means for bias
+compensation), with the settings and widths they belong to. Pruning again from a saved record at
+another ratio or allocation needs no data and no forward pass."""
 
 from __future__ import annotations
 
