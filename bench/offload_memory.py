@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
 from llm_bip.checkpoint import DTYPES, empty_model, resolve_source
-from llm_bip.offload import INDEX_FILE, SHARD_METADATA, stored_tensors
+from llm_bip.shards import INDEX_FILE, SHARD_METADATA, stored_tensors
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,7 +18,8 @@ from llm_bip.checkpoint import load_model
 from llm_bip.compare import parse_method
 from llm_bip.data import calibration_ids
 from llm_bip.evaluation import perplexity
-from llm_bip.pruner import PruneConfig, Pruner
+from llm_bip.config import PruneConfig
+from llm_bip.pruner import Pruner
 from llm_bip.scores import SCORING_FIELDS
 
 
@@ -42,7 +43,7 @@ def main() -> None:
         _, config = parse_method(spec, base)
         key = json.dumps({k: getattr(config.resolved(), k) for k in SCORING_FIELDS})
         pruned, start = copy.deepcopy(model), time.perf_counter()
-        result = Pruner(pruned, tokenizer, config, calib, records.get(key)).run()
+        result = Pruner(pruned, config, records.get(key)).run(calib)
         records.setdefault(key, result.record)
         rows.append({"spec": spec, "ratio": args.ratio, "block_ratio": round(result.block_ratio, 6),
                      "ppl": valid_ppl(pruned, tokenizer), "wall_s": round(time.perf_counter() - start, 1),

@@ -65,7 +65,7 @@ def test_llm_pruner_gradients_match_autograd():
     reference = copy.deepcopy(model)
     reference(ids, labels=ids).loss.backward()  # one full batch: the mean loss over all tokens
     view = adapter_for(model.config).block(model, 1)
-    weights = [m.weight for m in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down)]
+    weights = [m.weight for m in view.linears()]
     accumulate_lm_gradients(model, weights, ids, batch_size=2)  # two equal batches
     ref = adapter_for(reference.config).block(reference, 1)
     assert torch.allclose(view.gate.weight.grad, ref.gate.weight.grad, rtol=1e-6, atol=1e-12)

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
-from llm_bip.checkpoint import OUTPUT_MARKER, load_model
-from llm_bip.scores import SCORES_FILE, save_scores
+from llm_bip.checkpoint import load_model
+from llm_bip.outputs import OUTPUT_MARKER, SCORES_FILE
+from llm_bip.scores import save_scores
 from tiny_models import random_ids, tiny_model
 
 VARIANTS = ["llama-mha", "llama-gqa", "llama-gqa-bias", "qwen2-gqa", "mistral-gqa"]
@@ -53,7 +54,7 @@ def test_per_layer_widths_reload_with_load_pruned(variant, tmp_path):
 def test_load_model_dispatches_pruned_folders(tmp_path):
     model = pruned("llama-gqa", "global")
     save_model(model, None, tmp_path / "out", overwrite=False)
-    with pytest.raises(Exception):  # no tokenizer was saved: load_model needs one, load_pruned does not
+    with pytest.raises(PruneError, match="cannot load model"):  # no tokenizer: load_model needs one, load_pruned not
         load_model(str(tmp_path / "out"))
     assert load_pruned(tmp_path / "out").config.is_heterogeneous
 

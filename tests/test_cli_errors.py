@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_bip.checkpoint import OUTPUT_MARKER
 from llm_bip.cli import main
+from llm_bip.outputs import OUTPUT_MARKER
 
 FAST = ["--samples", "4", "--calib-seqlen", "16", "--eval", "none"]
 
@@ -209,6 +209,19 @@ def test_keep_dense_every_layer(capsys, work, tiny_model_dir, calib_text_file):
     out = work / "out"
     assert_fails_cleanly(capsys, prune_args(tiny_model_dir, out, calib_text_file, "--keep-dense=0,-1"), out,
                          [tiny_model_dir, calib_text_file], "every layer is kept dense", "nothing to prune")
+
+
+@pytest.mark.parametrize("option,words", [
+    ("--samples=0", ["n_samples (--samples)", "got 0"]),
+    ("--calib-seqlen=1", ["seqlen (--calib-seqlen)", ">= 2", "got 1"]),
+    ("--batch-size=0", ["batch_size (--batch-size)"]),
+    ("--round-to=0", ["round_to (--round-to)"]),
+    ("--min-channels=1", ["min_channels (--min-channels)", "[0, 1)"]),
+])
+def test_bad_option_fails_before_the_model_is_loaded(capsys, work, inputs, calib_text_file, option, words):
+    out = work / "out"  # the model does not exist: the option is checked first
+    assert_fails_cleanly(capsys, prune_args(inputs / "nope", out, calib_text_file, option), out, [calib_text_file],
+                         *words)
 
 
 # --------------------------------------------------------------------------- calibration text

@@ -18,14 +18,14 @@ import gguf
 import pytest
 import torch
 
-from conftest import build_tokenizer
-from llm_bip.checkpoint import OUTPUT_MARKER, check_device, gguf_architecture, note_slow_cpu_dtype, save_model
+from llm_bip.checkpoint import check_device, gguf_architecture, note_slow_cpu_dtype, save_model
 from llm_bip.cli import main
 from llm_bip.data import read_text_file
 from llm_bip.errors import PruneError
 from llm_bip.evaluation import perplexity
+from llm_bip.outputs import OUTPUT_MARKER
 from test_cli_errors import FAST, assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
-from tiny_models import tiny_model
+from tiny_models import build_tokenizer, tiny_model
 
 EVAL = ["--seqlen", "16", "--max-tokens", "64"]
 

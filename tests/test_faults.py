@@ -24,11 +24,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import build_tokenizer
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.cli import main
 from test_cli_errors import assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
-from tiny_models import random_ids, tiny_model
+from tiny_models import build_tokenizer, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +186,7 @@ def _safetensors_enospc(*_args, **_kwargs):  # how safetensors' Rust writer repo
 @pytest.mark.parametrize("target,failure,cause", [
     ("transformers.modeling_utils.safe_save_file", _safetensors_enospc, "No space left on device"),
     ("transformers.modeling_utils.safe_save_file", _eacces, "Permission denied"),
-    ("llm_bip.cli.save_scores", _enospc, "No space left on device"),  # after weights and tokenizer
+    ("llm_bip.job.save_scores", _enospc, "No space left on device"),  # after weights and tokenizer
 ], ids=["weights-disk-full", "weights-no-permission", "scores-disk-full"])
 def test_failed_write(capsys, monkeypatch, work, tiny_model_dir, calib_text_file, target, failure, cause, existing):
     out = work / "out"
@@ -235,7 +234,7 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
         signal.pthread_kill(threading.main_thread().ident, sig)
         pytest.fail("the signal handler did not run at the next bytecode")
 
-    monkeypatch.setattr("llm_bip.cli.save_scores", signalled_save_scores)
+    monkeypatch.setattr("llm_bip.job.save_scores", signalled_save_scores)
     handler = signal.getsignal(signal.SIGTERM)
     rc = main(prune_args(tiny_model_dir, out, calib_text_file, "--overwrite"))
     stderr = capsys.readouterr().err
@@ -252,12 +251,13 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
 STALLED_SAVE = """
 import sys, time
 import llm_bip.cli as cli
+import llm_bip.job as job
 
 def stalled_save_scores(path, record):
     (path.parent / "stalled").touch()
     time.sleep(300)
 
-cli.save_scores = stalled_save_scores
+job.save_scores = stalled_save_scores
 sys.exit(cli.main(sys.argv[1:]))
 """
 

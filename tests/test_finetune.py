@@ -23,8 +23,8 @@ from llm_bip.finetune import (
     FinetuneConfig, add_lora, alpaca_prompt, build_training_data, checkpoint_folder, finetune, loss_history, read_data,
     train, training_arguments,
 )
-from llm_bip.pruner import SUMMARY_FILE
-from llm_bip.scores import SCORES_FILE, save_scores
+from llm_bip.outputs import SCORES_FILE, SUMMARY_FILE
+from llm_bip.scores import save_scores
 from test_cli_errors import assert_fails_cleanly, snapshot
 
 RECORDS = [
@@ -178,9 +178,9 @@ def test_resume_continues_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
     assert not checkpoint_folder(out).exists()  # removed once the output is written
     straight = finetune(str(tiny_model_dir), tmp_path / "straight", config)["finetune"]
     assert resumed["steps"] == straight["steps"] == 4
-    assert [r.keys() for r in resumed["loss_history"]] == [r.keys() for r in straight["loss_history"]]
-    for got, want in zip(resumed["loss_history"], straight["loss_history"]):
-        assert got == pytest.approx(want, rel=1e-6)
+    assert [h["step"] for h in resumed["loss_history"]] == [h["step"] for h in straight["loss_history"]]
+    assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in straight["loss_history"]],
+                                                                         rel=1e-6)
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
     assert set(a) == set(b)
     assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in a)

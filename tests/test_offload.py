@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tokenizer
-from llm_bip import load_pruned, offload
+from llm_bip import PruneConfig, load_pruned, progress, run_prune, shards
 from llm_bip.checkpoint import read_weights
 from llm_bip.cli import main
-from llm_bip.scores import SCORES_FILE
+from llm_bip.outputs import SCORES_FILE
 from test_cli_errors import assert_fails_cleanly, prune_args, snapshot
-from tiny_models import random_ids, tiny_model
+from tiny_models import build_tokenizer, random_ids, tiny_model
 
 CONFIGS = {
     "bip": [],  # llama: bias compensation on, exact head scores
@@ -123,8 +122,8 @@ class Interrupt:
     """Ctrl-C at the n-th file the offloaded run writes (progress, cut blocks, output shards)."""
 
     def __init__(self, monkeypatch, n: int):
-        self.left, self.save_file = n, offload.save_file
-        monkeypatch.setattr(offload, "save_file", self)
+        self.left, self.save_file = n, shards.save_file
+        monkeypatch.setattr(shards, "save_file", self)
 
     def __call__(self, *args, **kwargs):
         self.left -= 1
@@ -146,6 +145,28 @@ def test_resume_after_interruption_equals_uninterrupted(monkeypatch, models, in_
     monkeypatch.undo()
     assert main(offloaded(models, "gqa", out, calib_text_file, config, "--resume")) == 0
     assert_same_output(in_memory("gqa", config), out)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_python_api_offloads_and_resumes(monkeypatch, models, in_memory, calib_text_file, tmp_path):
+    out, config = tmp_path / "out", PruneConfig(calibration=str(calib_text_file), n_samples=4, seqlen=16)
+    Interrupt(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(str(models["gqa"]), out, config, offload=True)
+    monkeypatch.undo()
+    summary = run_prune(str(models["gqa"]), out, config, offload=True, resume=True)
+    assert summary["offload"] and summary["perplexity"] == {}
+    assert_same_output(in_memory("gqa", "bip"), out)
+
+
+@pytest.mark.parametrize("config", ["bip", "sequential"])
+def test_in_memory_runs_keep_no_progress(monkeypatch, models, calib_text_file, tmp_path, config):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("an in-memory run kept progress")
+
+    monkeypatch.setattr(progress.ProgressStore, "__init__", refuse)
+    monkeypatch.setattr(shards, "save_file", refuse)
+    assert main(prune_args(models["gqa"], tmp_path / "out", calib_text_file, *CONFIGS[config])) == 0
     assert not (tmp_path / "out.partial").exists()
 
 

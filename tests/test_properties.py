@@ -9,19 +9,11 @@ from pathlib import Path
 
 import torch
 from hypothesis import given, reject, settings, strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.adapters import adapter_for
 from llm_bip.allocation import BlockCosts
-from tiny_models import VOCAB, random_ids
-
-ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
-
+from tiny_models import ARCHITECTURES, VOCAB, build_model, random_ids
 
 @st.composite
 def model_specs(draw) -> dict:
@@ -38,11 +30,9 @@ def model_specs(draw) -> dict:
     )
 
 
-def build_model(spec: dict):
-    config_cls, model_cls = ARCHITECTURES[spec["architecture"]]
+def spec_model(spec: dict):
     sizes = {k: v for k, v in spec.items() if k not in ("architecture", "seed")}
-    torch.manual_seed(spec["seed"])
-    return model_cls(config_cls(vocab_size=VOCAB, max_position_embeddings=64, **sizes)).eval()
+    return build_model(spec["architecture"], spec["seed"], vocab_size=VOCAB, max_position_embeddings=64, **sizes)
 
 
 prune_configs = st.builds(
@@ -84,7 +74,7 @@ def check_layers(model, result) -> int:
 @settings(max_examples=25, deadline=None)
 @given(spec=model_specs(), config=prune_configs)
 def test_pruned_model_keeps_its_invariants(spec, config):
-    model = build_model(spec)
+    model = spec_model(spec)
     adapter = adapter_for(model.config)
     views = [adapter.block(model, i) for i in range(model.config.num_hidden_layers)]
     outside_blocks = sum(p.numel() for p in model.parameters()) - sum(v.prunable_parameters() for v in views)
@@ -127,7 +117,7 @@ def test_uniform_picks_a_head_count_the_channels_can_complete():
     spec = dict(architecture="llama", seed=0, hidden_size=36, head_dim=4, num_attention_heads=9,
                 num_key_value_heads=3, intermediate_size=10, num_hidden_layers=2, tie_word_embeddings=False)
     config = PruneConfig(ratio=0.42, allocation="uniform", gqa="heads", method="magnitude")
-    model = build_model(spec)
+    model = spec_model(spec)
     one_channel = BlockCosts.of(adapter_for(model.config).block(model, 0)).channel
     _, result = prune(model, None, config)
     assert abs(result.block_ratio - 0.42) * result.params["blocks_before"] <= 2 * one_channel

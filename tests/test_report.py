@@ -14,13 +14,11 @@ import pytest
 from matplotlib.image import imread
 from safetensors.numpy import load_file
 
-from llm_bip.checkpoint import OUTPUT_MARKER
 from llm_bip.cli import main
-from llm_bip.pruner import SUMMARY_FILE
-from llm_bip.scores import SCORES_FILE
+from llm_bip.outputs import EVAL_FILE, OUTPUT_MARKER, SCORES_FILE, SPEED_FILE, SUMMARY_FILE
 from llm_bip.report import build_report, speedups, to_html
-from llm_bip.speed import SPEED_FILE, SpeedSettings, bench_speed, write_speed
-from llm_bip.zeroshot import AVERAGED, EVAL_FILE
+from llm_bip.speed import SpeedSettings, bench_speed, write_speed
+from llm_bip.zeroshot import AVERAGED
 
 TASKS = Path(__file__).parent / "data" / "tasks" / "tiny_words"
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from llm_bip import PruneConfig, prune
 from llm_bip.cli import main
-from llm_bip.scores import SCORES_FILE, load_scores, save_scores
+from llm_bip.outputs import SCORES_FILE
+from llm_bip.scores import load_scores, save_scores
 from test_cli_errors import assert_fails_cleanly, prune_args
 from tiny_models import random_ids, tiny_model
 

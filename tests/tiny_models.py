@@ -1,35 +1,60 @@
-"""Tiny randomly initialised LLaMA-family models, built in-process for unit tests."""
+"""Tiny randomly initialised LLaMA-family models and a word-level tokenizer, for every test: built
+in-process (``tiny_model``, ``build_model``) or saved as a model folder (``save_tiny_model``)."""
 
 from __future__ import annotations
+
+import random
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-VOCAB = 96
+VOCAB = 96  # of in-process models; random_ids draws from it
 
-# name -> (model class, config class, config overrides)
-VARIANTS = {
-    "llama-mha": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
-    "llama-gqa": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=6, num_key_value_heads=2)),
-    "llama-gqa-bias": (LlamaForCausalLM, LlamaConfig,
-                       dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True, mlp_bias=True)),
-    "llama-mqa": (LlamaForCausalLM, LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=1)),
-    "mistral-gqa": (MistralForCausalLM, MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2)),
-    "qwen2-gqa": (Qwen2ForCausalLM, Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
+
+# name -> (architecture, config overrides)
+VARIANTS = {
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa": ("llama", dict(num_attention_heads=6, num_key_value_heads=2)),
+    "llama-gqa-bias": ("llama", dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True, mlp_bias=True)),
+    "llama-mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1)),
+    "mistral-gqa": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+# Words of the tiny tokenizer; with the special tokens they must fit a saved model's vocabulary.
+WORDS = (
+    "the a of and to in is was for on that with as by at from it his her they "
+    "we you he she be are were had has have not but or an this which one all "
+    "new year time people day man world life hand part child eye woman place work week case point"
+).split()
+SPECIAL = ["[UNK]", "<s>", "</s>"]
+SAVED_VOCAB = 64  # of saved models, >= the tokenizer's
+assert len(SPECIAL) + len(WORDS) <= SAVED_VOCAB
+
+
+def build_model(architecture: str, seed: int = 0, **config):
+    """A random ``architecture`` model ('llama', 'mistral' or 'qwen2') with exactly these config fields
+    (the rest at transformers' defaults), in eval mode."""
+    config_cls, model_cls = ARCHITECTURES[architecture]
+    config = config_cls(**config)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
 
 
 def tiny_model(variant: str = "llama-gqa", layers: int = 3, seed: int = 0, scale: float = 1.0):
     """A random model with hidden 48, head_dim 8, FFN 64. ``scale`` multiplies all weights
     (the default init std 0.02 gives near-zero activations; 1/sqrt(fan_in)-like scales are more
     realistic for score tests)."""
-    model_cls, config_cls, overrides = VARIANTS[variant]
-    config = config_cls(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=layers, head_dim=8,
-        max_position_embeddings=128, tie_word_embeddings=False, **overrides,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    architecture, overrides = VARIANTS[variant]
+    model = build_model(architecture, seed, vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
+                        num_hidden_layers=layers, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
+                        **overrides)
     if scale != 1.0:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -40,6 +65,37 @@ def tiny_model(variant: str = "llama-gqa", layers: int = 3, seed: int = 0, scale
                 elif "norm" in name:  # non-trivial RMSNorm gains
                     p.uniform_(0.5, 1.5)
     return model
+
+
+def save_tiny_model(folder: Path, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random tiny LLaMA (hidden 32, 4 query heads over 2 KV heads, FFN 48) and its tokenizer."""
+    model = build_model("llama", seed, vocab_size=SAVED_VOCAB, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=None)
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over ``WORDS``, built without any download."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+
+
+def calibration_text(n_words: int = 3000, seed: int = 0) -> str:
+    """Plain text of ``n_words`` vocabulary words, one tokenizer token each."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(20)) for _ in range(n_words // 20)]
+    return "\n".join(lines) + "\n"
 
 
 def random_ids(n: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """llm-bip: structured pruning of LLaMA-family models with block-wise forward importance propagation."""
 
-__version__ = "0.1.0"
+from .checkpoint import load_model, load_pruned, save_model
+from .errors import PruneError
+from .evaluation import perplexity
+from .outputs import __version__
+from .config import PruneConfig
+from .job import run_prune
+from .pruner import PruneResult, prune
 
-from .checkpoint import load_model, load_pruned, save_model  # noqa: E402
-from .errors import PruneError  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .pruner import PruneConfig, PruneResult, prune  # noqa: E402
-
-__all__ = ["PruneConfig", "PruneError", "PruneResult", "load_model", "load_pruned", "perplexity", "prune", "save_model"]
+__all__ = ["PruneConfig", "PruneError", "PruneResult", "__version__", "load_model", "load_pruned", "perplexity",
+           "prune", "run_prune", "save_model"]

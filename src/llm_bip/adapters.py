@@ -67,10 +67,19 @@ class BlockView:
     def hidden_size(self) -> int:
         return self.o.out_features
 
+    def attention_linears(self) -> tuple[nn.Linear, ...]:
+        return self.q, self.k, self.v, self.o
+
+    def ffn_linears(self) -> tuple[nn.Linear, ...]:
+        return self.gate, self.up, self.down
+
+    def linears(self) -> tuple[nn.Linear, ...]:
+        """The seven projections: q, k, v, o, then gate, up, down."""
+        return self.attention_linears() + self.ffn_linears()
+
     def prunable_parameters(self) -> int:
         """Parameters of the attention and FFN linear maps (norms excluded)."""
-        linears = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        return sum(p.numel() for m in linears for p in m.parameters())
+        return sum(p.numel() for m in self.linears() for p in m.parameters())
 
 
 class ModelAdapter:
@@ -114,7 +123,7 @@ class ModelAdapter:
     def add_output_biases(self, view: BlockView) -> None:
         """Zero biases on every projection that lacks one (Llama's flags cover all four attention
         and all three FFN projections), and the config flags that declare them."""
-        for linear in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down):
+        for linear in view.linears():
             if linear.bias is None:
                 w = linear.weight
                 linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))

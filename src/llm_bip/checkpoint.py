@@ -29,14 +29,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .adapters import ADAPTERS, adapter_for
+from .data import is_corpus
 from .env import offline
 from .errors import PruneError
+from .outputs import OUTPUT_MARKER
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# In every folder llm-bip writes: --overwrite replaces only folders that hold it.
-OUTPUT_MARKER = "llm_bip_output.json"
 
 
 class PerLayerAccessFilter(logging.Filter):
@@ -357,6 +357,18 @@ def check_output_folder(out: str | Path, overwrite: bool, inputs: Iterable[str |
     if not os.access(ancestor, os.W_OK):
         raise PruneError(f"cannot write to {ancestor}")
     return out
+
+
+def local_inputs(*sources) -> list[Path]:
+    """The sources that are local paths (the default model: its GGUF file); corpus names, hub ids and
+    unset options drop out."""
+    paths = []
+    for source in sources:
+        if source == DEFAULT_MODEL:
+            paths.append(embedded_gguf())
+        elif source is not None and not is_corpus(str(source)) and Path(source).exists():
+            paths.append(Path(source))
+    return paths
 
 
 def check_apart_from_inputs(out: Path, inputs: Iterable[str | Path]) -> None:

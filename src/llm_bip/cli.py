@@ -7,26 +7,26 @@ import json
 import os
 import signal
 import sys
-import time
-from dataclasses import asdict, fields
+from dataclasses import fields
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from typing import get_args
 
-from .checkpoint import (DEFAULT_MODEL, atomic_folder, check_apart_from_inputs, check_device, check_output_folder,
-                         embedded_gguf, load_model)
+from .checkpoint import DEFAULT_MODEL, atomic_folder, check_device, check_output_folder, load_model, local_inputs
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
+from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig
 from .data import check_text_source, is_corpus
 from .errors import PruneError
 from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
+from .job import run_prune
 from .methods import METHODS
-from .offload import BlockStore, open_offloaded, partial_folder
+from .outputs import EVAL_FILE, SCORES_FILE, library_versions
 from .profiling import PhaseLog
-from .pruner import SUMMARY_FILE, PruneConfig, Pruner, config_for_scores, library_versions
-from .scores import SCORES_FILE, load_scores, save_scores
 from .report import build_report
 from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
-from .zeroshot import EVAL_FILE, load_tasks, zero_shot, zero_shot_table
+from .zeroshot import load_tasks, zero_shot, zero_shot_table
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,22 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of block parameters to remove")
     p.add_argument("--method", default=d.method, choices=list(METHODS),
                    help="scoring method; the options below left unset take the method's own choice")
-    p.add_argument("--allocation", choices=["uniform", "block", "global"],
+    p.add_argument("--allocation", choices=get_args(Allocation),
                    help="uniform: same head and channel counts in every block; block: same share of every block, "
                         "heads and channels ranked jointly inside it; global: one ranking across all blocks")
     p.add_argument("--scores", type=Path, metavar="FILE",
                    help=f"prune from an earlier run's {SCORES_FILE} (file or run folder): no data, no forward "
                         "pass; its scoring settings are used, ratio and allocation options may change")
-    p.add_argument("--gqa", default=d.gqa, choices=["groups", "heads"],
+    p.add_argument("--gqa", default=d.gqa, choices=get_args(Gqa),
                    help="remove whole KV groups, or the same number of query heads from every group")
-    p.add_argument("--normalize", choices=["none", "output", "zscore"],
+    p.add_argument("--normalize", choices=get_args(Normalize),
                    help="global ranking: score per parameter, relative to each block's output norm, or z-scores")
     p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="bias compensation of removed units' mean contribution (FLAP); llama models "
                         "(bip: on where the architecture allows)")
-    p.add_argument("--lipschitz", choices=["spectral", "certified", "none"],
+    p.add_argument("--lipschitz", choices=get_args(Lipschitz),
                    help="FFN Lipschitz factor in head scores (spectral = the paper's)")
-    p.add_argument("--head-score", choices=["channels", "exact"],
+    p.add_argument("--head-score", choices=get_args(HeadScore),
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
     p.add_argument("--sequential", action="store_true", help="score each block on already-pruned inputs")
     p.add_argument("--calibration", default=d.calibration, help="ptb, wikitext2, c4 or a .txt/.json/.jsonl file")
@@ -199,30 +199,6 @@ def config_from_args(args) -> PruneConfig:
     )
 
 
-def prune_eval_corpus(args) -> str:
-    """The --eval dataset: ptb by default, none with --offload (the whole model is never in memory)."""
-    if args.resume and not args.offload:
-        raise PruneError("--resume continues an interrupted --offload run; pass --offload too")
-    if not args.offload:
-        return args.eval or "ptb"
-    if args.eval not in (None, "none"):
-        raise PruneError("--offload never holds the whole model, so it cannot measure perplexity; "
-                         "run llm-bip eval OUT afterwards")
-    return "none"
-
-
-def local_inputs(*sources) -> list[Path]:
-    """The sources that are local paths (the default model: its GGUF file); corpus names, hub ids and
-    unset options drop out."""
-    paths = []
-    for source in sources:
-        if source == DEFAULT_MODEL:
-            paths.append(embedded_gguf())
-        elif source is not None and not is_corpus(str(source)) and Path(source).exists():
-            paths.append(Path(source))
-    return paths
-
-
 def eval_split(split: str | None, corpora: list[str]) -> str:
     """The split to evaluate: --split applies to named corpora; a file is evaluated whole."""
     files = [c for c in corpora if not is_corpus(c)]
@@ -231,68 +207,14 @@ def eval_split(split: str | None, corpora: list[str]) -> str:
     return split or "test"
 
 
-def check_prune_inputs(args, corpus: str) -> Path:
-    """Every check that needs no model, before it is loaded: device, output folder apart from the inputs,
-    readable calibration and evaluation text. Returns the output folder."""
-    check_device(args.device, args.dtype)
-    inputs = local_inputs(args.model, args.calibration, args.scores, corpus)
-    out = check_output_folder(args.out, args.overwrite, inputs)
-    if args.offload:
-        check_apart_from_inputs(partial_folder(out), inputs)
-    if args.scores is None:
-        check_text_source(args.calibration)
-    if corpus != "none":
-        check_text_source(corpus)
-    return out
-
-
 def cmd_prune(args) -> None:
-    corpus = prune_eval_corpus(args)
-    out = check_prune_inputs(args, corpus)
-    config = config_from_args(args)
-    record = load_scores(args.scores) if args.scores else None
-    if record is not None:
-        config = config_for_scores(config, record)
-    log = PhaseLog()
-    with log.phase("load"):
-        if args.offload:
-            model, tokenizer, blocks = open_offloaded(args.model, args.dtype, args.device)
-        else:
-            model, tokenizer = load_model(args.model, args.dtype, args.device)
-            blocks = BlockStore()
-    pruner = Pruner(model, tokenizer, config, record=record, blocks=blocks)  # validates options before any long work
-    if args.offload:
-        settings = {**asdict(pruner.config), "scores": str(args.scores) if args.scores else None}
-        blocks.begin(out, settings, args.resume, args.overwrite)
-        print(f"offloaded: one block in memory at a time; work kept in {blocks.partial} until {out} is written "
-              "(--resume continues an interrupted run)")
-    evals = {}
-    if corpus != "none":
-        with log.phase("eval_dense"):
-            evals["dense"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens,
-                                        cache=args.cache)
-        print(f"dense:  {evals['dense']}")
-    start = time.perf_counter()
-    result = pruner.run()
-    prune_wall = time.perf_counter() - start
-    if corpus != "none":
-        with log.phase("eval_pruned"):
-            evals["pruned"] = perplexity(model, tokenizer, corpus, "test", args.eval_seqlen, args.eval_max_tokens,
-                                         cache=args.cache)
-        print(f"pruned: {evals['pruned']}")
-    summary = result.summary()
-    summary.update(model=args.model, dtype=args.dtype, device=args.device, prune_wall_s=round(prune_wall, 3),
-                   perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE,
-                   scores_from=str(args.scores) if args.scores else None, offload=args.offload)
-
-    def extras(tmp: Path) -> None:
-        save_scores(tmp / SCORES_FILE, result.record)
-        summary["phases"] = {**log.phases, **summary["phases"]}
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-
-    with log.phase("save"):
-        blocks.save(model, tokenizer, out, args.overwrite, extras)
-    print_prune_report(summary, out)
+    summary = run_prune(
+        args.model, args.out, config_from_args(args), offload=args.offload, resume=args.resume,
+        overwrite=args.overwrite, scores=args.scores, eval_dataset=args.eval, eval_seqlen=args.eval_seqlen,
+        eval_max_tokens=args.eval_max_tokens, device=args.device, dtype=args.dtype,
+        measure=partial(perplexity, cache=args.cache), echo=print,
+    )
+    print_prune_report(summary, args.out)
 
 
 def print_prune_report(summary: dict, out: Path) -> None:

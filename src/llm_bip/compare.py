@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_folder
+from .config import PruneConfig
 from .data import calibration_ids
 from .errors import PruneError
 from .evaluation import perplexity, text_label
+from .outputs import library_versions
 from .profiling import PhaseLog
-from .pruner import PruneConfig, Pruner, library_versions
+from .pruner import Pruner
 from .tables import markdown_table
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
@@ -94,7 +96,7 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
             for label, config in map(partial(parse_method, base=base), spec.methods) for ratio in spec.ratios]
     for _, config in grid:  # every option and budget checked before the long part
-        Pruner(model, tokenizer, config, calib)
+        Pruner(model, config)
     floor = forward_floor(model, calib, base.batch_size)
     report = on_row or (lambda row: None)
     rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
@@ -103,7 +105,7 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
     for label, config in grid:
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
-        result = Pruner(pruned, tokenizer, config, calib).run()
+        result = Pruner(pruned, config).run(calib)
         wall = time.perf_counter() - start
         rows.append({
             "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),

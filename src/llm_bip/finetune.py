@@ -35,8 +35,7 @@ from .data import check_text_source, needs_bos, read_json_records, read_text_fil
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
-from .pruner import SUMMARY_FILE, library_versions
-from .scores import SCORES_FILE
+from .outputs import SCORES_FILE, SUMMARY_FILE, library_versions
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -197,7 +196,7 @@ def padding_collator(tokenizer) -> DataCollatorForSeq2Seq:
 def lora_targets(model) -> list[str]:
     """Module names of the seven block projections (q/k/v/o/gate/up/down), as the adapter knows them."""
     view = adapter_for(model.config).block(model, 0)
-    projections = {id(m) for m in (view.q, view.k, view.v, view.o, view.gate, view.up, view.down)}
+    projections = {id(m) for m in view.linears()}
     return sorted({name.rsplit(".", 1)[-1] for name, m in view.layer.named_modules() if id(m) in projections})
 
 

@@ -20,11 +20,8 @@ from safetensors.numpy import load_file
 
 from .checkpoint import atomic_folder, check_output_folder
 from .errors import PruneError
-from .pruner import SUMMARY_FILE
-from .scores import SCORES_FILE
-from .speed import SPEED_FILE
+from .outputs import EVAL_FILE, SCORES_FILE, SPEED_FILE, SUMMARY_FILE
 from .tables import markdown_table
-from .zeroshot import EVAL_FILE
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 RUN_FILES = (SUMMARY_FILE, SCORES_FILE, EVAL_FILE, SPEED_FILE)
@@ -67,7 +64,7 @@ def read_json(path: Path) -> dict:
 
 
 def read_scores(path: Path) -> dict[int, dict[str, np.ndarray]]:
-    """``layer{i}.heads`` / ``layer{i}.channels`` tensors (see pruner.save_scores) as {i: {kind: array}}."""
+    """``layer{i}.heads`` / ``layer{i}.channels`` tensors (see scores.save_scores) as {i: {kind: array}}."""
     try:
         tensors = load_file(str(path))
     except Exception as err:

@@ -1,6 +1,7 @@
-"""Saved scores: every unit's score plus what the cut needs besides (output norms for normalised
-ranking, calibration means for bias compensation), with the settings and widths they belong to.
-Pruning again from them at another ratio or allocation needs no data and no forward pass."""
+"""The record between the two phases of pruning (engine.py), and its file: every unit's score plus
+what the cut needs besides (output norms for normalised ranking, calibration means for bias
+compensation), with the settings and widths they belong to. Pruning again from a saved record at
+another ratio or allocation needs no data and no forward pass."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import PruneError
 from .metrics import UnitScores
+from .outputs import SCORES_FILE
 
-SCORES_FILE = "llm_bip_scores.safetensors"
 METADATA_KEY = "llm_bip_scores"
 # PruneConfig fields that decide the scores; a re-prune must agree with the run that made them
 SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "calibration", "n_samples",
@@ -46,6 +47,11 @@ class ScoreRecord:
         missing = sorted(set(prunable) - set(self.scores))
         if missing:
             raise PruneError(f"--scores hold no scores for layers {missing} (kept dense when scored)")
+
+    def only(self, layers: list[int]) -> "ScoreRecord":
+        """The record of ``layers`` alone."""
+        return ScoreRecord({i: self.scores[i] for i in layers}, {i: self.norms[i] for i in layers},
+                           {i: m for i, m in self.means.items() if i in layers}, self.settings, self.widths)
 
 
 def save_scores(path: str | Path, record: ScoreRecord) -> None:

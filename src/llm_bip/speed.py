@@ -30,10 +30,9 @@ from .adapters import adapter_for
 from .checkpoint import atomic_folder, load_model, resolve_source
 from .errors import PruneError
 from .profiling import PhaseLog
-from .pruner import library_versions
+from .outputs import SPEED_FILE, library_versions
 from .tables import markdown_table
 
-SPEED_FILE = "llm_bip_speed.json"
 TABLE_FILE = "speed.md"
 
 
@@ -50,9 +49,9 @@ def macs_per_token(model, context: float) -> dict[str, float]:
     adapter = adapter_for(model.config)
     views = [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
     counts = {
-        "attention_linear": sum(linear_macs(m) for v in views for m in (v.q, v.k, v.v, v.o)),
+        "attention_linear": sum(linear_macs(m) for v in views for m in v.attention_linears()),
         "attention_products": sum(2 * v.widths.num_heads * v.head_dim * context for v in views),
-        "ffn": sum(linear_macs(m) for v in views for m in (v.gate, v.up, v.down)),
+        "ffn": sum(linear_macs(m) for v in views for m in v.ffn_linears()),
         "lm_head": linear_macs(model.get_output_embeddings()),
     }
     return {"context": context, **counts, "total": sum(counts.values())}

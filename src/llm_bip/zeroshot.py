@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
     from lm_eval.tasks import TaskManager
 
-EVAL_FILE = "llm_bip_eval.json"
 METRICS = ("acc", "acc_norm")
 BATCH_SIZE = 8
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -1,0 +1,142 @@
+"""Every choice of a pruning run, and its checks.
+
+``PruneConfig.check()`` needs no model: run it before anything is loaded. Which layers stay dense
+can only be checked once the layer count is known (``dense_layers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal, get_args
+
+from .allocation import AllocationOptions
+from .errors import PruneError
+from .methods import METHODS, method_defaults
+from .metrics import ScoreOptions
+from .scores import SCORING_FIELDS, ScoreRecord
+
+Method = Literal["bip", "bip-paper", "random", "magnitude", "wanda-sp", "flap", "llm-pruner"]
+Allocation = Literal["uniform", "block", "global"]
+Normalize = Literal["none", "output", "zscore"]
+Lipschitz = Literal["spectral", "certified", "none"]
+HeadScore = Literal["channels", "exact"]
+Gqa = Literal["groups", "heads"]
+Compensate = Literal[True, False, "auto"]  # "auto": where the architecture can hold output biases
+
+# the options that take one of a fixed set of values
+CHOICES = {"method": Method, "allocation": Allocation, "normalize": Normalize, "lipschitz": Lipschitz,
+           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate}
+# the CLI options spelled otherwise than their field (any other field f is --f, with dashes)
+FLAGS = {"n_samples": "--samples", "seqlen": "--calib-seqlen"}
+
+
+def option_name(field: str) -> str:
+    """How a message names the PruneConfig field ``field``: by the field and the CLI option that sets it."""
+    return f"{field} ({FLAGS.get(field, '--' + field.replace('_', '-'))})"
+
+
+@dataclass
+class PruneConfig:
+    """Every choice of a pruning run; the CLI's options map onto these fields one to one."""
+
+    ratio: float = 0.2
+    method: Method = "bip"
+    # None: the method's own choice (methods.py)
+    allocation: Allocation | None = None
+    normalize: Normalize | None = None
+    compensate: Compensate | None = None
+    keep_dense: list[int] | None = None
+    lipschitz: Lipschitz | None = None
+    head_score: HeadScore | None = None
+    gqa: Gqa = "groups"
+    sequential: bool = False
+    calibration: str = "ptb"
+    n_samples: int = 64
+    seqlen: int = 512
+    batch_size: int = 8
+    min_channels: float = 0.05
+    round_to: int = 1
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise PruneError for any value no run can use; needs no model."""
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if not (value is None and _method_chooses(name)) and not _one_of(value, get_args(choices)):
+                raise PruneError(f"unknown {option_name(name)} {value!r}; use "
+                                 + ", ".join(str(c) for c in get_args(choices)))
+        if not _is_number(self.ratio) or not 0 < self.ratio < 1:
+            raise PruneError(f"{option_name('ratio')} must be in (0, 1), got {self.ratio}")
+        if not _is_number(self.min_channels) or not 0 <= self.min_channels < 1:
+            raise PruneError(f"{option_name('min_channels')} must be in [0, 1), got {self.min_channels}")
+        for name, least in (("n_samples", 1), ("seqlen", 2), ("batch_size", 1), ("round_to", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < least:
+                raise PruneError(f"{option_name(name)} must be a whole number >= {least}, got {getattr(self, name)!r}")
+        if not _is_int(self.seed):
+            raise PruneError(f"{option_name('seed')} must be a whole number, got {self.seed!r}")
+        if self.keep_dense is not None and not (isinstance(self.keep_dense, list)
+                                                and all(_is_int(i) for i in self.keep_dense)):
+            raise PruneError(f"{option_name('keep_dense')} must be a list of layer indices, got {self.keep_dense!r}")
+        if not isinstance(self.sequential, bool):
+            raise PruneError(f"{option_name('sequential')} must be True or False, got {self.sequential!r}")
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise PruneError(f"{option_name('calibration')} must name a dataset or a text file, "
+                             f"got {self.calibration!r}")
+
+    def dense_layers(self, num_layers: int) -> list[int]:
+        """The indices of the layers kept dense in a model of ``num_layers`` layers."""
+        dense = set()
+        for i in self.keep_dense or []:
+            if not -num_layers <= i < num_layers:
+                raise PruneError(f"{option_name('keep_dense')} layer {i} out of range for {num_layers} layers")
+            dense.add(i % num_layers)
+        return sorted(dense)
+
+    def resolved(self) -> "PruneConfig":
+        """A copy with every option left to the method filled in from the method's definition."""
+        defaults = method_defaults(self.method)
+        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None}
+        return replace(self, **chosen)
+
+    @property
+    def metric(self) -> str:
+        return METHODS[self.method]["metric"]
+
+    def scoring_settings(self) -> dict:
+        """The fields that decide the scores (a record's ``settings``)."""
+        return {k: getattr(self, k) for k in SCORING_FIELDS}
+
+    def allocation_options(self) -> AllocationOptions:
+        return AllocationOptions(
+            ratio=self.ratio, allocation=self.allocation, gqa=self.gqa, normalize=self.normalize,
+            min_channels=self.min_channels, round_to=self.round_to,
+        )
+
+    def score_options(self) -> ScoreOptions:
+        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, centred=self.compensate,
+                            seed=self.seed)
+
+
+def config_for_scores(config: PruneConfig, record: ScoreRecord) -> PruneConfig:
+    """``config`` with every scoring setting it leaves at its default taken from ``record`` (a
+    setting given explicitly must then agree with the record: the Pruner checks)."""
+    defaults = PruneConfig()
+    return replace(config, **{k: v for k, v in record.settings.items() if getattr(config, k) == getattr(defaults, k)})
+
+
+def _method_chooses(name: str) -> bool:
+    """Whether None is a value of the field ``name``: the method's own choice."""
+    return next(f for f in fields(PruneConfig) if f.name == name).default is None
+
+
+def _one_of(value, choices: tuple) -> bool:
+    """``value`` is one of ``choices``, the same type too (True is not 1)."""
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

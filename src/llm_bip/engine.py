@@ -1,0 +1,199 @@
+"""The two phases of pruning, with one per-block record between them.
+
+``score`` runs the calibration data down the stack once and returns a :class:`ScoreRecord`: every
+prunable block's unit scores, output norm and (for bias compensation) calibration means, which is
+what ``llm_bip_scores.safetensors`` holds. ``cut`` allocates the budget by a record's scores and
+cuts the blocks. ``score_and_cut`` is sequential mode, the two fused: each block is scored on the
+outputs of the blocks cut before it. Given a ProgressStore (offloaded runs), a pass continues
+after its last completed block; in memory nothing is kept.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter, Widths, adapter_for
+from .allocation import AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units
+from .calibration import (BlockInputs, accumulate_lm_gradients, capture_block_inputs, collect_block_stats,
+                          forward_block)
+from .config import PruneConfig
+from .metrics import Metric, UnitScores, make_metric
+from .offload import BlockStore
+from .profiling import PhaseLog
+from .progress import Progress, ProgressStore
+from .scores import ScoreRecord
+from .surgery import compensate_bias, prune_block
+
+
+class Stack:
+    """A model's decoder blocks as the engine sees them: their views, which ones ``config`` lets be
+    cut, and where their weights live (``blocks``; by default all in memory)."""
+
+    def __init__(self, model, config: PruneConfig, blocks: BlockStore | None = None):
+        self.model = model
+        self.adapter: ModelAdapter = adapter_for(model.config)
+        self.views = [self.adapter.block(model, i) for i in range(len(self.adapter.layers(model)))]
+        dense = config.dense_layers(len(self.views))
+        self.prunable = [i for i in range(len(self.views)) if i not in dense]
+        self.blocks = blocks or BlockStore()
+
+    def parameters(self) -> int:
+        """Prunable parameters of all blocks, dense ones included: what the ratio is of."""
+        return sum(v.prunable_parameters() for v in self.views)
+
+    def widths(self) -> list[Widths]:
+        return [v.widths for v in self.views]
+
+    def weights(self) -> list[nn.Parameter]:
+        return [m.weight for v in self.views for m in v.linears()]
+
+    def units(self, scores: dict[int, UnitScores], norms: dict[int, float], gqa: str) -> dict[int, BlockUnits]:
+        """The prunable blocks' removable units in removal order."""
+        return {i: self.block_units(i, scores[i], gqa, norms.get(i, 1.0)) for i in self.prunable}
+
+    def block_units(self, i: int, scores: UnitScores, gqa: str, output_norm: float = 1.0) -> BlockUnits:
+        view = self.views[i]
+        allowed = partial(self.adapter.allows_heads, view.hidden_size)
+        return block_units(view.widths, BlockCosts.of(view), scores, gqa, allowed, output_norm)
+
+
+def size_counts(stack: Stack, alloc: AllocationOptions) -> dict[int, tuple[int, int]]:
+    """Per-block removal counts from sizes alone: checks that the budget can be met, and is the
+    uniform allocation (which depends on sizes only)."""
+    equal = {i: UnitScores(torch.zeros(v.widths.num_heads), torch.zeros(v.widths.intermediate_size))
+             for i, v in enumerate(stack.views)}
+    return allocate(stack.units(equal, {}, alloc.gqa), stack.parameters(), alloc)
+
+
+def add_compensation_biases(stack: Stack, alloc: AllocationOptions) -> AllocationOptions:
+    """Zero biases on every projection (Llama's flags declare all of them at once); returns ``alloc``
+    with the ratio raised by their size, so that the ratio obtained is still of the original blocks."""
+    keep = (1 - alloc.ratio) * stack.parameters()
+    for view in stack.views:
+        stack.adapter.add_output_biases(view)
+    return replace(alloc, ratio=1 - keep / stack.parameters())
+
+
+def needs_block_inputs(config: PruneConfig, metric: Metric) -> bool:
+    """Whether the run passes calibration data through the blocks (for statistics or compensation means)."""
+    return metric.needs_block_stats or bool(config.compensate)
+
+
+def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progress: ProgressStore | None = None,
+          log: PhaseLog | None = None) -> ScoreRecord:
+    """Phase one: every prunable block's scores on the calibration token ids ``calib``; no block changes."""
+    log = log or PhaseLog()
+    with _calibrated(stack, config, calib, log) as (metric, inputs), log.phase("scoring"):
+        return _pass(stack, config, metric, inputs, progress, "scoring")[0]
+
+
+def cut(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, compensate: bool) -> dict[int, LayerPlan]:
+    """Phase two: allocate the budget by ``record``'s scores and cut the prunable blocks in place
+    (``compensate``: with FLAP's bias compensation from the record's means). Returns the plans."""
+    units = stack.units(record.scores, record.norms, alloc.gqa)
+    counts = allocate(units, stack.parameters(), alloc)
+    plans = {i: select_units(units[i], *counts[i]) for i in stack.prunable}
+    _cut_blocks(stack, plans, range(len(stack.views)), record.means if compensate else None)
+    return plans
+
+
+def score_and_cut(stack: Stack, config: PruneConfig, alloc: AllocationOptions, calib: torch.Tensor,
+                  progress: ProgressStore | None = None,
+                  log: PhaseLog | None = None) -> tuple[ScoreRecord, dict[int, LayerPlan]]:
+    """Sequential mode: each block is scored on inputs that went through the blocks already cut,
+    and cut right away. The counts per block come first: from sizes for the uniform allocation,
+    otherwise from a dense scoring pass (a global ranking needs every block's scores)."""
+    log = log or PhaseLog()
+    with _calibrated(stack, config, calib, log) as (metric, inputs), log.phase("scoring_and_surgery"):
+        if alloc.allocation == "uniform":
+            counts = size_counts(stack, alloc)
+        else:
+            dense, _ = _pass(stack, config, metric, inputs, progress, "scoring")
+            counts = allocate(stack.units(dense.scores, dense.norms, alloc.gqa), stack.parameters(), alloc)
+        return _pass(stack, config, metric, inputs, progress, "sequential", counts)
+
+
+@contextmanager
+def _calibrated(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, log: PhaseLog):
+    """(the run's metric, block 0's calibration inputs); for a metric that reads them, the LM-loss
+    gradients are in the block weights' ``.grad`` meanwhile."""
+    metric = make_metric(config.metric, config.score_options())
+    try:
+        if metric.needs_gradients:
+            with log.phase("gradients"):
+                accumulate_lm_gradients(stack.model, stack.weights(), calib, config.batch_size)
+        yield metric, _calibration_inputs(stack, config, metric, calib, log)
+    finally:
+        for weight in stack.weights():
+            weight.grad = None
+
+
+def _calibration_inputs(stack: Stack, config: PruneConfig, metric: Metric, calib: torch.Tensor | None,
+                        log: PhaseLog) -> BlockInputs | None:
+    """Block 0's inputs over the calibration data, or None when no block statistics are needed."""
+    with log.phase("calibration_data"):
+        if not needs_block_inputs(config, metric):
+            return None
+        with stack.blocks.embedding_resident():
+            return capture_block_inputs(stack.model, stack.views[0].layer, calib, config.batch_size)
+
+
+def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs | None,
+          progress: ProgressStore | None, stage: str,
+          counts: dict[int, tuple[int, int]] | None = None) -> tuple[ScoreRecord, dict[int, LayerPlan]]:
+    """One pass down the stack: score every prunable block on its calibration inputs.
+
+    With ``counts`` (attention units and channels each block loses) each block is cut right after
+    it is scored, and the next block sees the cut block's outputs. Returns the record and the plans
+    of the cut blocks.
+    """
+    record = ScoreRecord({}, {}, {}, config.scoring_settings(), [w.as_dict() for w in stack.widths()])
+    done = progress.load(stage, inputs) if progress is not None else None
+    start = 0
+    if done is not None:
+        start, inputs = done.next_block, done.inputs
+        record = replace(record, scores=done.record.scores, norms=done.record.norms, means=done.record.means)
+    means = record.means if config.compensate else None
+    cutting = counts is not None
+    plans = {}
+    if cutting:  # blocks cut before an interruption are cut again (offloaded: their shapes)
+        plans = {i: select_units(stack.block_units(i, s, config.gqa), *counts[i]) for i, s in record.scores.items()}
+        _cut_blocks(stack, plans, range(start), means)
+    for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
+        view = stack.views[i]
+        with stack.blocks.resident(i, write=cutting):
+            stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
+            if i in stack.prunable:
+                record.scores[i] = metric.score(view, stats, i)
+                record.norms[i] = stats.output_norm if stats is not None else 1.0
+                if means is not None:
+                    means[i] = (stats.attn_mean(), stats.ffn_mean())
+                if cutting:
+                    plans[i] = select_units(stack.block_units(i, record.scores[i], config.gqa), *counts[i])
+                    _cut(stack, i, plans[i], means)
+                    outputs = forward_block(view.layer, inputs)
+            if progress is not None:
+                progress.save(stage, Progress(i + 1, outputs, record))
+        inputs = outputs
+    return record, plans
+
+
+def _cut_blocks(stack: Stack, plans: dict[int, LayerPlan], blocks: range, means: dict | None) -> None:
+    """Cut the planned ones of ``blocks``; every block is kept (offloaded: written out), dense or cut."""
+    for i in tqdm(blocks, desc="cutting blocks", disable=stack.blocks.whole_model):
+        with stack.blocks.resident(i, write=True):
+            if i in plans:
+                _cut(stack, i, plans[i], means)
+
+
+def _cut(stack: Stack, i: int, plan: LayerPlan, means: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Cut block ``i`` to ``plan``; with ``means``, first move the removed units' mean contribution into biases."""
+    if means is not None:
+        compensate_bias(stack.views[i], plan, *means[i])
+    prune_block(stack.adapter, stack.views[i], plan)

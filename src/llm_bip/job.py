@@ -1,0 +1,126 @@
+"""The prune job (``llm-bip prune`` as a library call): check, load, measure, prune, measure, write.
+
+    summary = run_prune("smollm2", "runs/bip-20", PruneConfig(ratio=0.2))
+
+writes the pruned model, its scores (llm_bip_scores.safetensors) and the summary
+(llm_bip_summary.json) to the output folder atomically, and returns the summary. With
+``offload=True`` one block is in memory at a time and the work is kept in ``OUT.partial``, so an
+interrupted run continues with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+from .checkpoint import check_apart_from_inputs, check_device, check_output_folder, load_model, local_inputs
+from .config import PruneConfig, config_for_scores
+from .data import check_text_source
+from .errors import PruneError
+from .evaluation import Perplexity, perplexity
+from .offload import BlockStore, open_offloaded
+from .outputs import SCORES_FILE, SUMMARY_FILE
+from .profiling import PhaseLog
+from .progress import ProgressStore, begin_work, partial_folder
+from .pruner import Pruner, PruneResult
+from .scores import load_scores, save_scores
+
+
+def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offload: bool, resume: bool,
+                    overwrite: bool, scores: str | Path | None, eval_dataset: str | None, device: str,
+                    dtype: str) -> tuple[Path, str]:
+    """Every check that needs no model, run before anything is loaded: the options, the device, an output
+    folder (and offloaded work folder) apart from every input, readable calibration and evaluation text.
+    Returns the output folder and the perplexity dataset ("none": no perplexity)."""
+    dataset = _eval_dataset(eval_dataset, offload, resume)
+    config.check()
+    check_device(device, dtype)
+    inputs = local_inputs(source, config.calibration, scores, dataset)
+    out = check_output_folder(out, overwrite, inputs)
+    if offload:
+        check_apart_from_inputs(partial_folder(out), inputs)
+    if scores is None:
+        check_text_source(config.calibration)
+    if dataset != "none":
+        check_text_source(dataset)
+    return out, dataset
+
+
+def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *,
+              offload: bool = False, resume: bool = False, overwrite: bool = False, scores: str | Path | None = None,
+              eval_dataset: str | None = None, eval_seqlen: int = 128, eval_max_tokens: int | None = None,
+              device: str = "cpu", dtype: str = "float32",
+              measure: Callable[..., Perplexity] = partial(perplexity, cache=True),
+              echo: Callable[[str], None] = lambda line: None) -> dict:
+    """Prune the model ``source`` (a folder, hub id, .gguf file or ``smollm2``) and write it to ``out``.
+
+    ``scores``: an earlier run's scores file or folder, to prune from instead of scoring.
+    ``eval_dataset``: perplexity before and after (default ptb, "none" to skip; offloaded: none).
+    ``measure``: computes them, with the signature of evaluation.perplexity (by default reusing an identical
+    earlier measurement from the cache). ``echo`` gets the
+    progress lines (the CLI prints them). Returns the summary that is written to the output.
+    """
+    config = config or PruneConfig()
+    out, dataset = check_prune_job(source, out, config, offload=offload, resume=resume, overwrite=overwrite,
+                                   scores=scores, eval_dataset=eval_dataset, device=device, dtype=dtype)
+    record = load_scores(scores) if scores else None
+    if record is not None:
+        config = config_for_scores(config, record)
+    log = PhaseLog()
+    with log.phase("load"):
+        if offload:
+            model, tokenizer, blocks = open_offloaded(source, dtype, device, partial_folder(out))
+        else:
+            model, tokenizer = load_model(source, dtype, device)
+            blocks = BlockStore()
+    pruner = Pruner(model, config, record, blocks)  # checks every option against the model before any long work
+    calib = pruner.calibration(tokenizer)
+    progress = None
+    if offload:
+        settings = {**blocks.settings(), **asdict(pruner.config), "scores": str(scores) if scores else None}
+        begin_work(blocks.partial, settings, resume, overwrite)
+        progress = ProgressStore(blocks.partial, device)
+        echo(f"offloaded: one block in memory at a time; work kept in {blocks.partial} until {out} is written "
+             "(--resume continues an interrupted run)")
+    evals = {}
+    if dataset != "none":
+        with log.phase("eval_dense"):
+            evals["dense"] = measure(model, tokenizer, dataset, "test", eval_seqlen, eval_max_tokens)
+        echo(f"dense:  {evals['dense']}")
+    start = time.perf_counter()
+    result = pruner.run(calib, progress)
+    prune_wall = time.perf_counter() - start
+    if dataset != "none":
+        with log.phase("eval_pruned"):
+            evals["pruned"] = measure(model, tokenizer, dataset, "test", eval_seqlen, eval_max_tokens)
+        echo(f"pruned: {evals['pruned']}")
+    summary = result.summary()
+    summary.update(model=source, dtype=dtype, device=device, prune_wall_s=round(prune_wall, 3),
+                   perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE,
+                   scores_from=str(scores) if scores else None, offload=offload)
+    with log.phase("save"):
+        blocks.save(model, tokenizer, out, overwrite, lambda tmp: _write_run_files(tmp, result, summary, log))
+    return summary
+
+
+def _write_run_files(folder: Path, result: PruneResult, summary: dict, log: PhaseLog) -> None:
+    """The scores and the summary, next to the model; the summary's phases are complete up to the save."""
+    save_scores(folder / SCORES_FILE, result.record)
+    summary["phases"] = {**log.phases, **summary["phases"]}
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def _eval_dataset(eval_dataset: str | None, offload: bool, resume: bool) -> str:
+    """The perplexity dataset: ptb by default, none offloaded (the whole model is never in memory)."""
+    if resume and not offload:
+        raise PruneError("--resume continues an interrupted --offload run; pass --offload too")
+    if not offload:
+        return eval_dataset or "ptb"
+    if eval_dataset not in (None, "none"):
+        raise PruneError("--offload never holds the whole model, so it cannot measure perplexity; "
+                         "run llm-bip eval OUT afterwards")
+    return "none"

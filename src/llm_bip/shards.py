@@ -1,0 +1,119 @@
+"""Sharded safetensors I/O: read a checkpoint's tensors by name without loading the rest, write a
+file whole or not at all, and assemble a sharded model folder with its index."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_folder, weight_files
+from .errors import PruneError
+
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_METADATA = {"format": "pt"}
+
+
+def stored_tensors(folder: Path) -> dict[str, tuple[Path, torch.Size]]:
+    """Each stored tensor's shard and shape, from the shards' headers (no tensor data is read)."""
+    stored = {}
+    for shard in weight_files(folder):
+        try:
+            with safe_open(str(shard), "pt") as f:
+                for name in f.keys():
+                    stored[name] = (shard, torch.Size(f.get_slice(name).get_shape()))
+        except (SafetensorError, OSError) as err:
+            raise PruneError(f"{shard}: missing, corrupted or truncated safetensors file ({err})") from None
+    return stored
+
+
+def read_tensors(wanted: dict[str, torch.Tensor], stored: dict[str, Path],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """The stored values of ``wanted`` (name -> skeleton tensor) on ``device`` in the skeleton's dtype,
+    each shard (``stored``: name -> shard) opened once. A tensor no shard holds was added by the
+    engine (the zero biases of compensation): it starts at zero."""
+    by_shard = defaultdict(list)
+    for name in wanted:
+        if name in stored:
+            by_shard[stored[name]].append(name)
+    values = {name: torch.zeros(t.shape, dtype=t.dtype, device=device)
+              for name, t in wanted.items() if name not in stored}
+    for shard, names in by_shard.items():
+        with safe_open(str(shard), "pt") as f:
+            for name in names:
+                values[name] = f.get_tensor(name).to(device, wanted[name].dtype)
+    return values
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] = SHARD_METADATA) -> None:
+    """One safetensors file, whole or absent."""
+    write_atomically(path, lambda tmp: save_file(_contiguous(tensors), tmp, metadata))
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write`` a file under a temporary name, then rename it: it is whole or absent, never partly written."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        raise PruneError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def save_sharded(model, tokenizer, out: Path, overwrite: bool, block_shards: dict[str, Path],
+                 stored: dict[str, Path], extras: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (a skeleton) to ``out`` atomically: the blocks' finished shards (``block_shards``:
+    module prefix -> file) hard-linked, every other tensor copied from ``stored`` one module at a time,
+    then the index, config, tokenizer and ``extras``."""
+    tensors = _unique_tensors(model)
+    weight_map = {name: _shard_of(name, block_shards) for name in tensors}
+    with atomic_folder(out, overwrite) as tmp:
+        for prefix, shard in block_shards.items():
+            os.link(shard, tmp / f"{prefix}.safetensors")
+        for shard in sorted(set(weight_map.values()) - {f"{p}.safetensors" for p in block_shards}):
+            wanted = {name: tensors[name] for name, s in weight_map.items() if s == shard}
+            save_file(read_tensors(wanted, stored, torch.device("cpu")), str(tmp / shard), SHARD_METADATA)
+        metadata = {"total_parameters": sum(t.numel() for t in tensors.values()),
+                    "total_size": sum(t.numel() * t.element_size() for t in tensors.values())}
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2))
+        _save_config(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extras is not None:
+            extras(tmp)
+    return out
+
+
+def _shard_of(name: str, block_shards: dict[str, Path]) -> str:
+    """A block's tensors go to the block's shard; any other tensor to the shard of its module."""
+    owner = next((p for p in block_shards if name.startswith(f"{p}.")), name.rpartition(".")[0])
+    return f"{owner}.safetensors"
+
+
+def _unique_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's saved tensors by name, a tied one once under its first name (as save_pretrained does)."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
+
+
+def _save_config(model, folder: Path) -> None:
+    """config.json and generation_config.json, as ``save_pretrained`` writes them."""
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
