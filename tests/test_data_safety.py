@@ -299,3 +299,16 @@ def test_per_layer_checkpoints_load_without_warnings(tmp_path, tiny_model_dir, c
                            "--no-cache"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "per-layer" not in proc.stderr and "warning" not in proc.stderr.lower(), proc.stderr
+
+
+def test_work_folders_that_llm_bip_did_not_write_are_kept(capsys, tmp_path, tiny_model_dir, calib_text_file):
+    out = tmp_path / "out"
+    for name, argv in [("out.partial", prune_args(tiny_model_dir, out, calib_text_file, "--offload", "--overwrite")),
+                       ("out.checkpoints", ["finetune", str(tiny_model_dir), "--data", str(calib_text_file), "--out",
+                                            str(out), "--seqlen", "16", "--max-steps", "1", "--eval", "none",
+                                            "--overwrite"])]:
+        mine = tmp_path / name
+        mine.mkdir()
+        (mine / "data.csv").write_text("a user's folder that happens to have this name")
+        assert_fails_cleanly(capsys, argv, out, [mine], name, "not written by llm-bip" if "partial" in name
+                             else "holds none")

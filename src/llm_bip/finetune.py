@@ -235,6 +235,9 @@ def resume_point(checkpoints: Path, resume: bool, overwrite: bool) -> str | None
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if last is None and checkpoints.exists() and (not checkpoints.is_dir() or any(checkpoints.iterdir())):
+        raise PruneError(f"{checkpoints} is in the way of the training checkpoints and holds none; remove it or "
+                         "choose another --out")
     if resume and last is None:
         raise PruneError(f"--resume: no checkpoint in {checkpoints}; run without --resume to start training")
     if not resume and last is not None and not overwrite:

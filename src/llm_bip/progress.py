@@ -46,6 +46,9 @@ def begin_work(partial: Path, settings: dict, resume: bool, overwrite: bool) -> 
         _check_same_settings(saved, settings)
         return
     if partial.exists():
+        if not saved.is_file() and any(partial.iterdir()):
+            raise PruneError(f"{partial} is in the way of the offloaded run's work folder and was not written by "
+                             "llm-bip; remove it or choose another --out")
         if not overwrite:
             raise PruneError(f"{partial} holds an unfinished offloaded run; pass --resume to continue it "
                              "or --overwrite to start over")
