@@ -46,3 +46,16 @@ def test_method_specs():
 def test_compare_rejects_unknown_method_before_loading(tmp_path, capsys):
     assert main(["compare", "does-not-matter", "--out", str(tmp_path / "x"), "--methods", "bip,nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--ratios", "0.2,1.5", ["ratio", "1.5"]),
+    ("--ratios", "0.2,x", ["--ratios", "fractions"]),
+    ("--methods", "bip:lipschitz=huge", ["lipschitz", "huge"]),
+    ("--seqlens", "128,0", ["--seqlens", "positive"]),
+])
+def test_compare_checks_every_option_before_loading(tmp_path, capsys, option, value, words):
+    argv = ["compare", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x"), option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "no-such-model" not in err, err

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -232,6 +232,13 @@ def print_row(row: dict) -> None:
     print(f"{row['method']} @ {row['ratio']:.2f}: {ppl}{cost}", flush=True)
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise PruneError(f"--ratios takes comma-separated fractions, e.g. 0.2,0.5; got {text!r}") from None
+
+
 def cmd_compare(args) -> None:
     check_device(args.device, args.dtype)
     datasets = [d for d in args.ppl.split(",") if d]
@@ -243,11 +250,13 @@ def cmd_compare(args) -> None:
                        batch_size=args.batch_size, seed=args.seed)
     spec = CompareSpec(
         methods=[m.replace(";", ",") for m in args.methods.split(",") if m], base=base,
-        ratios=[float(r) for r in args.ratios.split(",")], seqlens=[int(s) for s in args.seqlens.split(",")],
+        ratios=_ratios(args.ratios), seqlens=parse_sizes(args.seqlens, "--seqlens"),
         datasets=datasets, split=split, max_tokens=args.max_tokens,
     )
     for method in spec.methods:  # fail on a bad spec before any long work
-        parse_method(method, base)[1].resolved()
+        config = parse_method(method, base)[1]
+        for ratio in spec.ratios:
+            replace(config, ratio=ratio).resolved().check()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     results = run_compare(model, tokenizer, spec, on_row=print_row)
     results["model"] = args.model
