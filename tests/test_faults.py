@@ -236,7 +236,13 @@ def test_signal_mid_save_cleans_up(capsys, monkeypatch, work, tiny_model_dir, ca
 
     monkeypatch.setattr("llm_bip.job.save_scores", signalled_save_scores)
     handler = signal.getsignal(signal.SIGTERM)
-    rc = main(prune_args(tiny_model_dir, out, calib_text_file, "--overwrite"))
+    # Ctrl-C as in a terminal: a job started in the background (CI's, nohup's) inherits SIGINT ignored,
+    # and then Python never raises KeyboardInterrupt
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = main(prune_args(tiny_model_dir, out, calib_text_file, "--overwrite"))
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     stderr = capsys.readouterr().err
     assert rc == code, stderr
     assert "model.safetensors" in written, "the signal must land on a half-written folder"
