@@ -394,10 +394,15 @@ def check_replaceable(out: Path) -> None:
                          "will not replace it; remove it yourself or choose another --out")
 
 
-def current_umask() -> int:
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives new files: mkdtemp makes the folder
+    private and safetensors writes its files 0600."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
@@ -409,9 +414,9 @@ def atomic_folder(out: Path, overwrite: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output follows the umask
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "llm-bip"}) + "\n")
+        follow_umask(tmp)
         _move_into_place(tmp, out, overwrite)
     except (OSError, SafetensorError) as err:
         raise PruneError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
