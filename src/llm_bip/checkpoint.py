@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -37,6 +38,8 @@ from .outputs import OUTPUT_MARKER
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# bytes per GGUF scalar value type, from gguf's own type table
+GGUF_SCALAR_SIZES = {kind: np.dtype(t).itemsize for kind, t in gguf.GGUFReader.gguf_scalar_to_np.items()}
 
 
 class PerLayerAccessFilter(logging.Filter):
@@ -125,40 +128,42 @@ def resolve_source(source: str, prunable: bool = True) -> Path | str:
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` from a GGUF file's header, reading only the key-value pairs before it
     (gguf's GGUFReader parses every tensor and vocabulary entry first: seconds on a small model)."""
-    sizes = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-             gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
-             gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
-             gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
     try:
         with path.open("rb") as f:
-            def read(fmt: str):
-                return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
-
-            def skip(kind: int) -> None:
-                kind = gguf.GGUFValueType(kind)
-                if kind == gguf.GGUFValueType.STRING:
-                    f.seek(read("Q"), os.SEEK_CUR)
-                elif kind == gguf.GGUFValueType.ARRAY:
-                    item, count = read("I"), read("Q")
-                    if item == gguf.GGUFValueType.STRING:
-                        for _ in range(count):
-                            skip(item)
-                    else:
-                        f.seek(sizes[gguf.GGUFValueType(item)] * count, os.SEEK_CUR)
-                else:
-                    f.seek(sizes[kind], os.SEEK_CUR)
-
-            if read("I") != gguf.GGUF_MAGIC:
+            if _unpack(f, "I") != gguf.GGUF_MAGIC:
                 raise ValueError("no GGUF magic number")
-            read("I"), read("Q")  # version, tensor count
-            for _ in range(read("Q")):
-                key, kind = f.read(read("Q")).decode(), read("I")
+            _unpack(f, "I"), _unpack(f, "Q")  # version, tensor count
+            for _ in range(_unpack(f, "Q")):
+                key, kind = _read_string(f), gguf.GGUFValueType(_unpack(f, "I"))
                 if key == "general.architecture" and kind == gguf.GGUFValueType.STRING:
-                    return f.read(read("Q")).decode()
-                skip(kind)
+                    return _read_string(f)
+                _skip_value(f, kind)
     except (struct.error, ValueError, UnicodeDecodeError, KeyError) as err:
         raise PruneError(f"{path}: not a readable GGUF file ({err})") from None
     raise PruneError(f"{path}: the GGUF header names no general.architecture")
+
+
+def _unpack(f, fmt: str):
+    return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def _read_string(f) -> str:
+    return f.read(_unpack(f, "Q")).decode()
+
+
+def _skip_value(f, kind: gguf.GGUFValueType) -> None:
+    """Move past one value of type ``kind`` (strings and arrays carry their lengths)."""
+    if kind == gguf.GGUFValueType.STRING:
+        f.seek(_unpack(f, "Q"), os.SEEK_CUR)
+    elif kind == gguf.GGUFValueType.ARRAY:
+        item, count = gguf.GGUFValueType(_unpack(f, "I")), _unpack(f, "Q")
+        if item in GGUF_SCALAR_SIZES:
+            f.seek(GGUF_SCALAR_SIZES[item] * count, os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        f.seek(GGUF_SCALAR_SIZES[kind], os.SEEK_CUR)
 
 
 def check_gguf_architecture(path: Path, prunable: bool) -> None:

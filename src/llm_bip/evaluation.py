@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,8 @@ from tqdm.auto import tqdm
 from .checkpoint import cache_dir
 from .data import is_corpus, load_text, needs_bos, tokenize, with_bos
 from .errors import PruneError
+from .outputs import library_versions
+from .shards import write_atomically
 
 
 @dataclass
@@ -70,8 +73,7 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     tokenizer, text, settings and library versions), kept in the llm-bip cache folder."""
     if seqlen < 2:
         raise PruneError("--seqlen must be at least 2")
-    text = load_text(dataset, split)
-    ids = tokenize(tokenizer, text)
+    ids = tokenize(tokenizer, load_text(dataset, split))
     if max_tokens:
         ids = ids[:max_tokens]
     windows = eval_windows(tokenizer, ids, seqlen)
@@ -90,14 +92,10 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
 def measurement_key(model, windows: torch.Tensor, batch_size: int) -> str:
     """A digest of everything a perplexity depends on: the weights and config, the token windows
     (so the tokenizer and text), the batching and the library versions."""
-    import transformers
-
-    from . import __version__
-
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     settings = {"config": config, "batch_size": batch_size, "device": next(model.parameters()).device.type,
-                "torch": torch.__version__, "transformers": transformers.__version__, "llm_bip": __version__}
+                "versions": library_versions()}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -106,12 +104,10 @@ def measurement_key(model, windows: torch.Tensor, batch_size: int) -> str:
     return digest.hexdigest()
 
 
-def write_cache_entry(entry, result: Perplexity) -> None:
+def write_cache_entry(entry: Path, result: Perplexity) -> None:
     """Keep ``result``; a cache that cannot be written is no error (the next run measures again)."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(entry.name + ".tmp")
-        tmp.write_text(json.dumps(result.as_dict()))
-        tmp.replace(entry)
-    except OSError:
+        write_atomically(entry, lambda path: Path(path).write_text(json.dumps(result.as_dict())))
+    except (OSError, PruneError):
         pass

@@ -30,7 +30,8 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from transformers import DataCollatorForSeq2Seq
 
 from .adapters import adapter_for
-from .checkpoint import check_apart_from_inputs, check_device, check_output_folder, load_model, save_model
+from .checkpoint import (check_apart_from_inputs, check_device, check_output_folder, load_model, local_inputs,
+                         save_model)
 from .data import check_text_source, needs_bos, read_json_records, read_text_file, tokenize
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
@@ -291,7 +292,7 @@ def finetune(source: str, out: str | Path, config: FinetuneConfig, device: str =
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         raise PruneError("FSDP is not supported yet: merging needs the full LoRA weights in every process; "
                          "launch data parallel instead (accelerate launch --multi_gpu ...)")
-    inputs = [source, config.data, *([config.eval] if config.eval != "none" else [])]
+    inputs = local_inputs(source, config.data, config.eval)
     out = check_output_folder(out, overwrite, inputs)
     checkpoints = checkpoint_folder(out)
     check_apart_from_inputs(checkpoints, inputs)

@@ -76,9 +76,7 @@ class ProgressStore:
             inputs = [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
         saved = load_scores(self._file(stage, "scores"))
         done = [i for i in saved.scores if i < next_block]  # a block scored after the marker was written is redone
-        record = ScoreRecord({i: saved.scores[i] for i in done}, {i: saved.norms[i] for i in done},
-                             {i: m for i, m in saved.means.items() if i < next_block}, saved.settings, saved.widths)
-        return Progress(next_block, inputs, record)
+        return Progress(next_block, inputs, saved.only(done))
 
     def save(self, stage: str, progress: Progress) -> None:
         """Keep ``progress`` of the pass ``stage``: the record first, then the marker that points past it."""
