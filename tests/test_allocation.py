@@ -28,7 +28,8 @@ def test_uniform_gives_identical_layers_and_stock_config():
 
 def test_block_allocation_takes_the_same_share_of_every_block_by_joint_rank():
     model = tiny_model("llama-gqa", layers=4, scale=5.0)
-    config = PruneConfig(ratio=0.4, allocation="block", normalize="none", lipschitz="none", compensate=False)
+    config = PruneConfig(ratio=0.4, allocation="block", normalize="none", lipschitz="none", head_score="exact",
+                         compensate=False)
     _, result = prune(model, None, config, calib=random_ids())
     before = [block_params(w) for w in result.widths_before]
     after = [block_params(w) for w in result.widths_after]
@@ -44,11 +45,13 @@ def block_params(w) -> int:
 
 
 def test_zscores_cancel_the_lipschitz_factor():
-    """The default skips the FFN factor: under z-scores it cannot change which units go."""
+    """Z-scored rankings skip the FFN factor: it cannot change which units go (nor under the default's
+    channel standardisation, which ranks heads by their channels, never by the factored head score)."""
     plans = {}
     for normalize in ("zscore", "none"):  # unnormalised, the factor does change the ranking
         for lipschitz in ("spectral", "none"):
-            config = PruneConfig(ratio=0.4, allocation="global", normalize=normalize, lipschitz=lipschitz)
+            config = PruneConfig(ratio=0.4, allocation="global", normalize=normalize, lipschitz=lipschitz,
+                                 head_score="exact")
             _, result = prune(tiny_model("llama-gqa", layers=4, scale=5.0), None, config, calib=random_ids())
             plans[normalize, lipschitz] = result.plans
     assert plans["zscore", "spectral"] == plans["zscore", "none"]

@@ -1,5 +1,6 @@
 """Baseline metrics against hand-computed values, LLM-Pruner gradients against autograd,
-bias compensation, z-score ranking and method presets."""
+bias compensation, rankings and method presets (the kept units against each baseline's reference
+arithmetic: test_reference_baselines.py)."""
 
 import copy
 
@@ -46,7 +47,8 @@ def test_flap_fluctuation_by_hand(setup):
     _, view, _, stats, x, a, _ = setup
     s = make_metric("flap", ScoreOptions()).score(view, stats, 0)
     w_o, w_d = view.o.weight.detach().double(), view.down.weight.detach().double()
-    per_col = x.var(0, unbiased=False) * w_o.pow(2).sum(0)
+    per_col = (x.var(0, unbiased=False) * w_o.pow(2).sum(0)) ** 2  # attention: squared once more
+    assert torch.allclose(s.attn_channels, per_col, rtol=1e-6)
     assert torch.allclose(s.heads, per_col.view(-1, view.head_dim).sum(1), rtol=1e-6)
     assert torch.allclose(s.channels, a.var(0, unbiased=False) * w_d.pow(2).sum(0), rtol=1e-6)
 
@@ -76,10 +78,9 @@ def test_llm_pruner_gradients_match_autograd():
     j = 7
     expected = wg(ref.gate)[j].sum() + wg(ref.up)[j].sum() + wg(ref.down)[:, j].sum()
     assert float(s.channels[j]) == pytest.approx(float(expected), rel=1e-6)
-    hd = view.head_dim  # head 0 owns q rows 0..hd, o cols 0..hd and a third of K/V head 0 (n_rep = 3)
-    kv = wg(ref.k)[:hd].sum() + wg(ref.v)[:hd].sum()
-    expected_head = wg(ref.q)[:hd].sum() + wg(ref.o)[:, :hd].sum() + kv / 3
-    assert float(s.heads[0]) == pytest.approx(float(expected_head), rel=1e-6)
+    hd = view.head_dim  # head 0 owns q rows 0..hd and o cols 0..hd; K/V head 0 its k and v rows 0..hd
+    assert float(s.heads[0]) == pytest.approx(float(wg(ref.q)[:hd].sum() + wg(ref.o)[:, :hd].sum()), rel=1e-6)
+    assert float(s.kv_heads[0]) == pytest.approx(float(wg(ref.k)[:hd].sum() + wg(ref.v)[:hd].sum()), rel=1e-6)
 
 
 def test_compensation_keeps_mean_block_output():
@@ -135,10 +136,11 @@ def test_zscore_keys_are_standardised_per_module():
 
 def test_method_presets_and_overrides():
     flap = PruneConfig(method="flap").resolved()
-    assert (flap.allocation, flap.normalize, flap.compensate) == ("global", "zscore", True)
+    assert (flap.allocation, flap.normalize, flap.compensate, flap.sequential) == ("global", "channels", True, False)
     assert PruneConfig(method="flap", allocation="uniform").resolved().allocation == "uniform"
-    assert PruneConfig(method="llm-pruner").resolved().keep_dense == [0, -1]
-    assert PruneConfig(method="bip").resolved().keep_dense == []
+    assert PruneConfig(method="wanda-sp").resolved().sequential is True
+    assert PruneConfig(method="wanda-sp", sequential=False).resolved().sequential is False
+    assert PruneConfig(method="bip").dense_layers(30) == []
     with pytest.raises(PruneError, match="unknown method"):
         PruneConfig(method="nope").resolved()
 
@@ -149,3 +151,30 @@ def test_every_method_prunes_to_the_ratio(method):
     _, result = prune(model, None, PruneConfig(ratio=0.3, method=method), calib=random_ids())
     assert abs(result.block_ratio - 0.3) < 0.02
     assert model(random_ids()).logits.isfinite().all()
+
+
+def three_group_block(group_channels: list[float]) -> UnitScores:
+    """Scores of a tiny GQA block (3 KV groups of 2 heads, head_dim 8) whose attention channels are
+    ``group_channels`` per group, next to FFN channels valued 1..64."""
+    attn = torch.tensor(group_channels, dtype=torch.float64).repeat_interleave(16)
+    return UnitScores(attn.view(-1, 8).sum(1), torch.arange(1, 65, dtype=torch.float64), attn_channels=attn)
+
+
+def test_channel_standardised_ranking_sees_how_weak_a_group_is():
+    """With 3 KV groups, z-scores over units put the weakest group between -1.155 and -0.577 whatever
+    the scores; standardised over channels, a group's key follows its scores against the layer's."""
+    from llm_bip.allocation import standardised
+
+    model = tiny_model("llama-gqa-bias")
+    view = adapter_for(model.config).block(model, 0)
+    keys = {}
+    for name, groups in (("near", [0.9, 1.0, 1.1]), ("far", [0.01, 1.0, 1.1])):
+        for normalize in ("zscore", "channels"):
+            scores = three_group_block(groups)
+            if normalize == "channels":
+                scores = standardised(scores, view.head_dim)
+            u = block_units(view.widths, BlockCosts.of(view), scores, "groups")
+            keys[name, normalize] = float(ranking_keys(u, normalize)[0][0])
+    assert -1.155 <= keys["near", "zscore"] <= -0.577 and -1.155 <= keys["far", "zscore"] <= -0.577
+    assert keys["far", "channels"] < keys["near", "channels"] - 0.1  # the weaker group ranks lower
+    assert keys["far", "channels"] < -1.155  # below anything three unit z-scores can say

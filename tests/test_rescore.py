@@ -15,11 +15,13 @@ from tiny_models import random_ids, tiny_model
 
 CALIB = random_ids(8, 16, seed=3)
 METHODS = [
-    ("bip", {}),  # llama: bias compensation on, exact head scores
-    ("bip", {"allocation": "global", "normalize": "zscore"}),
+    ("bip", {}),  # llama: bias compensation on, channel-standardised ranking
+    ("bip-unit-zscore", {}),
+    ("bip", {"normalize": "log-channels"}),
     ("flap", {}),
     ("llm-pruner", {}),
-    ("wanda-sp", {"allocation": "global"}),
+    ("magnitude", {"allocation": "global"}),
+    ("wanda-sp", {"allocation": "global", "sequential": False}),  # its own: sequential, scores not reusable
     ("random", {}),
 ]
 
@@ -53,6 +55,7 @@ def test_scores_file_round_trip_is_exact(tmp_path):
     for i, s in result.record.scores.items():
         assert torch.equal(record.scores[i].heads, s.heads.double())
         assert torch.equal(record.scores[i].channels, s.channels.double())
+        assert torch.equal(record.scores[i].attn_channels, s.attn_channels.double())
         assert record.norms[i] == result.record.norms[i]
         assert all(torch.equal(a, b) for a, b in zip(record.means[i], result.record.means[i]))
 

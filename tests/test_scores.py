@@ -113,6 +113,9 @@ def test_random_and_magnitude_scores():
     mag = make_metric("magnitude", ScoreOptions()).score(view, None, 1)
     hd = view.head_dim
     q0, o0 = view.q.weight[:hd].detach(), view.o.weight[:, :hd].detach()
-    assert float(mag.heads[0]) == pytest.approx(float(torch.cat([q0.flatten(), o0.flatten()]).norm()), rel=1e-9)
-    ch = torch.cat([view.gate.weight[5], view.up.weight[5], view.down.weight[:, 5]]).detach()
-    assert float(mag.channels[5]) == pytest.approx(float(ch.norm()), rel=1e-9)
+    sq_norm = lambda *ws: float(torch.cat([w.flatten() for w in ws]).pow(2).sum())  # noqa: E731
+    assert float(mag.heads[0]) == pytest.approx(sq_norm(q0, o0), rel=1e-9)
+    k0, v0 = view.k.weight[:hd].detach(), view.v.weight[:hd].detach()
+    assert float(mag.kv_heads[0]) == pytest.approx(sq_norm(k0, v0), rel=1e-9)
+    ch = [view.gate.weight[5], view.up.weight[5], view.down.weight[:, 5]]
+    assert float(mag.channels[5]) == pytest.approx(sq_norm(*(w.detach() for w in ch)), rel=1e-9)

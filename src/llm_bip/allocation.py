@@ -23,7 +23,7 @@ class AllocationOptions:
     ratio: float
     allocation: str = "uniform"  # uniform | block | global
     gqa: str = "groups"  # groups | heads
-    normalize: str = "none"  # none | output | zscore: see ranking_keys
+    normalize: str = "none"  # none | output | zscore | channels | log-channels: see ranking_keys
     min_channels: float = 0.05  # fraction of FFN channels every block keeps
     round_to: int = 1  # kept FFN widths a multiple of this
 
@@ -101,6 +101,7 @@ def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
     only removal counts that land on one are offered to the allocator.
     """
     heads = scores.heads.double()
+    kv = scores.kv_heads.double() if scores.kv_heads is not None else torch.zeros(widths.num_kv_heads)
     n_rep = widths.group_size
     groups = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
     if widths.num_kv_heads > 1 and (gqa == "groups" or n_rep == 1):
@@ -111,7 +112,7 @@ def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
         kv_members = [[] for _ in range(n_rep)]
     else:
         raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
-    unit_scores = torch.stack([heads[m].sum() for m in members])
+    unit_scores = torch.stack([heads[m].sum() + kv[k].sum() for m, k in zip(members, kv_members)])
     order = torch.argsort(unit_scores, stable=True).tolist()
     channel_order = torch.argsort(scores.channels.double(), stable=True).tolist()
     per_unit = len(members[0])
@@ -168,16 +169,39 @@ def _uniform_block_counts(i: int, u: BlockUnits, block_ratio: float, opts: Alloc
     return n_attn, channels_for(n_attn)
 
 
+def standardised(scores: UnitScores, head_dim: int, log: bool = False) -> UnitScores:
+    """FLAP's standardisation: every attention channel's and every FFN channel's value standardised
+    over the block's channels of its module; a head scores the mean of its channels' values.
+    ``log``: standardise the logarithms, so that any power of the scores ranks alike."""
+    if scores.attn_channels is None:
+        raise PruneError("--normalize channels needs per-channel attention scores, which this metric does not give")
+    values = _log_scores if log else torch.Tensor.double
+    attn = _zscore(values(scores.attn_channels))
+    return UnitScores(heads=attn.view(-1, head_dim).mean(-1), channels=_zscore(values(scores.channels)))
+
+
+def _log_scores(x: torch.Tensor) -> torch.Tensor:
+    """log of non-negative scores; zeros sit a factor 1e6 below the smallest positive score."""
+    x = x.double()
+    floor = x[x > 0].min() * 1e-6 if (x > 0).any() else x.new_tensor(1.0)
+    return x.clamp_min(floor).log()
+
+
 def ranking_keys(u: BlockUnits, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Global ranking keys of a block's attention units and channels (in removal order).
 
-    none: score per parameter; output: the same relative to the block's ||y||; zscore (FLAP):
-    scores standardised per block and module, compared without regard to size.
+    none: score per parameter; output: the same relative to the block's ||y||; channels (FLAP):
+    scores standardised per block and module over channels (``standardised``), an attention unit
+    keyed by the mean over its heads; log-channels: the same over the scores' logarithms; zscore:
+    scores standardised per block and module over removable units (degenerate with few units:
+    kept for the earlier ``bip`` default).
     """
+    if normalize in ("channels", "log-channels"):
+        return u.attn_scores / len(u.attn_heads[0]), u.channel_scores
     if normalize == "zscore":
         return _zscore(u.attn_scores), _zscore(u.channel_scores)
     if normalize not in ("none", "output"):
-        raise PruneError(f"unknown --normalize {normalize!r}; use none, output or zscore")
+        raise PruneError(f"unknown --normalize {normalize!r}; use none, output, zscore, channels or log-channels")
     scale = u.output_norm if normalize == "output" else 1.0
     return u.attn_scores / scale / u.attn_cost, u.channel_scores / scale / u.costs.channel
 

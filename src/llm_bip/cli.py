@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFN Lipschitz factor in head scores (spectral = the paper's)")
     p.add_argument("--head-score", choices=get_args(HeadScore),
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
-    p.add_argument("--sequential", action="store_true", help="score each block on already-pruned inputs")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                   help="score each block on already-pruned inputs (default: the method's choice)")
     p.add_argument("--calibration", default=d.calibration, help="ptb, wikitext2, c4 or a .txt/.json/.jsonl file")
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--keep-dense", type=_int_list, help="layers left dense, e.g. 0,-1")
+    p.add_argument("--keep-dense", type=_int_list,
+                   help="layers left dense, e.g. 0,-1 ('' for none; default: the method's choice)")
     p.add_argument("--min-channels", type=float, default=d.min_channels, help="fraction of FFN channels kept per layer")
     p.add_argument("--round-to", type=int, default=d.round_to, help="kept FFN widths a multiple of this")
     p.add_argument("--seed", type=int, default=d.seed)

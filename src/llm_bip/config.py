@@ -11,13 +11,13 @@ from typing import Literal, get_args
 
 from .allocation import AllocationOptions
 from .errors import PruneError
-from .methods import METHODS, method_defaults
+from .methods import METHODS, method_defaults, method_dense_layers
 from .metrics import ScoreOptions
 from .scores import SCORING_FIELDS, ScoreRecord
 
-Method = Literal["bip", "bip-paper", "random", "magnitude", "wanda-sp", "flap", "llm-pruner"]
+Method = Literal["bip", "bip-unit-zscore", "bip-paper", "random", "magnitude", "wanda-sp", "flap", "llm-pruner"]
 Allocation = Literal["uniform", "block", "global"]
-Normalize = Literal["none", "output", "zscore"]
+Normalize = Literal["none", "output", "zscore", "channels", "log-channels"]
 Lipschitz = Literal["spectral", "certified", "none"]
 HeadScore = Literal["channels", "exact"]
 Gqa = Literal["groups", "heads"]
@@ -49,7 +49,7 @@ class PruneConfig:
     lipschitz: Lipschitz | None = None
     head_score: HeadScore | None = None
     gqa: Gqa = "groups"
-    sequential: bool = False
+    sequential: bool | None = None
     calibration: str = "ptb"
     n_samples: int = 64
     seqlen: int = 512
@@ -77,16 +77,19 @@ class PruneConfig:
         if self.keep_dense is not None and not (isinstance(self.keep_dense, list)
                                                 and all(_is_int(i) for i in self.keep_dense)):
             raise PruneError(f"{option_name('keep_dense')} must be a list of layer indices, got {self.keep_dense!r}")
-        if not isinstance(self.sequential, bool):
+        if not (self.sequential is None or isinstance(self.sequential, bool)):
             raise PruneError(f"{option_name('sequential')} must be True or False, got {self.sequential!r}")
         if not isinstance(self.calibration, str) or not self.calibration:
             raise PruneError(f"{option_name('calibration')} must name a dataset or a text file, "
                              f"got {self.calibration!r}")
 
     def dense_layers(self, num_layers: int) -> list[int]:
-        """The indices of the layers kept dense in a model of ``num_layers`` layers."""
+        """The indices of the layers kept dense in a model of ``num_layers`` layers (left unset: the
+        method's own choice)."""
+        if self.keep_dense is None:
+            return method_dense_layers(self.method, num_layers)
         dense = set()
-        for i in self.keep_dense or []:
+        for i in self.keep_dense:
             if not -num_layers <= i < num_layers:
                 raise PruneError(f"{option_name('keep_dense')} layer {i} out of range for {num_layers} layers")
             dense.add(i % num_layers)
@@ -95,7 +98,7 @@ class PruneConfig:
     def resolved(self) -> "PruneConfig":
         """A copy with every option left to the method filled in from the method's definition."""
         defaults = method_defaults(self.method)
-        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None}
+        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None and k in defaults}
         return replace(self, **chosen)
 
     @property

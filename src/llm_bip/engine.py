@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Widths, adapter_for
-from .allocation import AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units
+from .allocation import (AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units,
+                         standardised)
 from .calibration import (BlockInputs, accumulate_lm_gradients, capture_block_inputs, collect_block_stats,
                           forward_block)
 from .config import PruneConfig
@@ -53,22 +54,27 @@ class Stack:
     def weights(self) -> list[nn.Parameter]:
         return [m.weight for v in self.views for m in v.linears()]
 
-    def units(self, scores: dict[int, UnitScores], norms: dict[int, float], gqa: str) -> dict[int, BlockUnits]:
+    def units(self, scores: dict[int, UnitScores], norms: dict[int, float],
+              alloc: AllocationOptions) -> dict[int, BlockUnits]:
         """The prunable blocks' removable units in removal order."""
-        return {i: self.block_units(i, scores[i], gqa, norms.get(i, 1.0)) for i in self.prunable}
+        return {i: self.block_units(i, scores[i], alloc, norms.get(i, 1.0)) for i in self.prunable}
 
-    def block_units(self, i: int, scores: UnitScores, gqa: str, output_norm: float = 1.0) -> BlockUnits:
+    def block_units(self, i: int, scores: UnitScores, alloc: AllocationOptions, output_norm: float = 1.0) -> BlockUnits:
+        """Block ``i``'s removable units in removal order (by standardised scores where ``alloc`` ranks so)."""
         view = self.views[i]
+        if alloc.normalize in ("channels", "log-channels"):
+            scores = standardised(scores, view.head_dim, log=alloc.normalize == "log-channels")
         allowed = partial(self.adapter.allows_heads, view.hidden_size)
-        return block_units(view.widths, BlockCosts.of(view), scores, gqa, allowed, output_norm)
+        return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, allowed, output_norm)
 
 
 def size_counts(stack: Stack, alloc: AllocationOptions) -> dict[int, tuple[int, int]]:
     """Per-block removal counts from sizes alone: checks that the budget can be met, and is the
     uniform allocation (which depends on sizes only)."""
-    equal = {i: UnitScores(torch.zeros(v.widths.num_heads), torch.zeros(v.widths.intermediate_size))
+    equal = {i: UnitScores(torch.zeros(v.widths.num_heads), torch.zeros(v.widths.intermediate_size),
+                           attn_channels=torch.zeros(v.widths.num_heads * v.head_dim))
              for i, v in enumerate(stack.views)}
-    return allocate(stack.units(equal, {}, alloc.gqa), stack.parameters(), alloc)
+    return allocate(stack.units(equal, {}, alloc), stack.parameters(), alloc)
 
 
 def add_compensation_biases(stack: Stack, alloc: AllocationOptions) -> AllocationOptions:
@@ -96,7 +102,7 @@ def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progres
 def cut(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, compensate: bool) -> dict[int, LayerPlan]:
     """Phase two: allocate the budget by ``record``'s scores and cut the prunable blocks in place
     (``compensate``: with FLAP's bias compensation from the record's means). Returns the plans."""
-    units = stack.units(record.scores, record.norms, alloc.gqa)
+    units = stack.units(record.scores, record.norms, alloc)
     counts = allocate(units, stack.parameters(), alloc)
     plans = {i: select_units(units[i], *counts[i]) for i in stack.prunable}
     _cut_blocks(stack, plans, range(len(stack.views)), record.means if compensate else None)
@@ -115,7 +121,7 @@ def score_and_cut(stack: Stack, config: PruneConfig, alloc: AllocationOptions, c
             counts = size_counts(stack, alloc)
         else:
             dense, _ = _pass(stack, config, metric, inputs, progress, "scoring")
-            counts = allocate(stack.units(dense.scores, dense.norms, alloc.gqa), stack.parameters(), alloc)
+            counts = allocate(stack.units(dense.scores, dense.norms, alloc), stack.parameters(), alloc)
         return _pass(stack, config, metric, inputs, progress, "sequential", counts)
 
 
@@ -161,9 +167,10 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
         record = replace(record, scores=done.record.scores, norms=done.record.norms, means=done.record.means)
     means = record.means if config.compensate else None
     cutting = counts is not None
+    alloc = config.allocation_options()  # how units are grouped and ordered (its ratio is not read here)
     plans = {}
     if cutting:  # blocks cut before an interruption are cut again (offloaded: their shapes)
-        plans = {i: select_units(stack.block_units(i, s, config.gqa), *counts[i]) for i, s in record.scores.items()}
+        plans = {i: select_units(stack.block_units(i, s, alloc), *counts[i]) for i, s in record.scores.items()}
         _cut_blocks(stack, plans, range(start), means)
     for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
         view = stack.views[i]
@@ -175,7 +182,7 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
                 if means is not None:
                     means[i] = (stats.attn_mean(), stats.ffn_mean())
                 if cutting:
-                    plans[i] = select_units(stack.block_units(i, record.scores[i], config.gqa), *counts[i])
+                    plans[i] = select_units(stack.block_units(i, record.scores[i], alloc), *counts[i])
                     _cut(stack, i, plans[i], means)
                     outputs = forward_block(view.layer, inputs)
             if progress is not None:

@@ -21,10 +21,18 @@ ACTIVATION_SLOPE_BOUND = 1.13
 
 @dataclass
 class UnitScores:
-    """Importance of every query head and every FFN channel of one block (higher = keep)."""
+    """Importance of every query head and every FFN channel of one block (higher = keep).
+
+    ``kv_heads``: the score of each K/V head's own weights, added to an attention unit's score only
+    when the unit removes that K/V head (a whole KV group, or any head of multi-head attention).
+    ``attn_channels``: the per-channel values a head score is made of (one per input channel of
+    o_proj), for rankings that standardise over channels (``--normalize channels``).
+    """
 
     heads: torch.Tensor
     channels: torch.Tensor
+    kv_heads: torch.Tensor | None = None
+    attn_channels: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,7 +146,12 @@ class BipMetric(Metric):
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
         centred = self.options.centred
         channels = stats.ffn_norms(centred) * _column_norms(view.down.weight)
-        return UnitScores(heads=self.head_scores(view, stats), channels=channels)
+        return UnitScores(heads=self.head_scores(view, stats), channels=channels,
+                          attn_channels=self.channel_bounds(view, stats))
+
+    def channel_bounds(self, view: BlockView, stats: BlockStats) -> torch.Tensor:
+        """||X_H[:, c]|| * ||W_O[:, c]|| per attention channel c (centred when compensating)."""
+        return stats.attn_norms(self.options.centred) * _column_norms(view.o.weight)
 
     def head_scores(self, view: BlockView, stats: BlockStats) -> torch.Tensor:
         lipschitz, head_score = self.options.lipschitz, self.options.head_score
@@ -151,24 +164,25 @@ class BipMetric(Metric):
             raise PruneError(f"unknown --head-score {head_score!r}; use channels or exact")
         if head_score == "exact":
             return exact_head_norms(view, stats, self.options.centred) * factor[lipschitz]()
-        per_channel = stats.attn_norms(self.options.centred) * _column_norms(view.o.weight)
-        return _per_head(per_channel, view.head_dim) * factor[lipschitz]()
+        return _per_head(self.channel_bounds(view, stats), view.head_dim) * factor[lipschitz]()
 
 
 @register_metric
 class MagnitudeMetric(Metric):
-    """L2 norm of all weights a unit owns (query rows + output columns; gate/up rows + down column)."""
+    """Squared L2 norm of all weights a unit owns (same order as the norm): a query head's rows of
+    W_Q and columns of W_O, plus its K/V head's rows where the unit removes it; an FFN channel's
+    rows of W_G and W_U and column of W_D."""
 
     name = "magnitude"
     needs_block_stats = False
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         hd = view.head_dim
-        q_rows = _row_sq_norms(view.q.weight)
-        o_cols = _column_norms(view.o.weight).pow(2)
-        heads = (_per_head(q_rows, hd) + _per_head(o_cols, hd)).sqrt()
+        per_channel = _row_sq_norms(view.q.weight) + _column_norms(view.o.weight).pow(2)
+        kv = _row_sq_norms(view.k.weight) + _row_sq_norms(view.v.weight)
         ffn = _row_sq_norms(view.gate.weight) + _row_sq_norms(view.up.weight) + _column_norms(view.down.weight).pow(2)
-        return UnitScores(heads=heads, channels=ffn.sqrt())
+        return UnitScores(heads=_per_head(per_channel, hd), channels=ffn, kv_heads=_per_head(kv, hd),
+                          attn_channels=per_channel)
 
 
 @register_metric
@@ -181,10 +195,10 @@ class RandomMetric(Metric):
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         gen = torch.Generator().manual_seed(self.options.seed * 100_003 + index)
         widths = view.widths
-        return UnitScores(
-            heads=torch.rand(widths.num_heads, generator=gen, dtype=torch.float64),
-            channels=torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64),
-        )
+        attn_channels = torch.rand(widths.num_heads * view.head_dim, generator=gen, dtype=torch.float64)
+        return UnitScores(heads=_per_head(attn_channels, view.head_dim),
+                          channels=torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64),
+                          attn_channels=attn_channels)
 
 
 def _abs_column_sums(weight: torch.Tensor) -> torch.Tensor:
@@ -193,26 +207,36 @@ def _abs_column_sums(weight: torch.Tensor) -> torch.Tensor:
 
 @register_metric
 class WandaSpMetric(Metric):
-    """Wanda-sp: sum over the unit's output columns of |W[i, j]| * ||x_j||."""
+    """Wanda-sp (FLAP's lib/prune.py, prune_wanda_sp): per input channel j of o_proj / down_proj,
+    the sum over rows of |W[i, j]| * ||x_j|| (the reference's mean over rows and root-mean-square
+    input: the same up to a factor per layer); a head is the sum of its channels."""
 
     name = "wanda-sp"
 
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
-        heads = _per_head(_abs_column_sums(view.o.weight) * stats.attn_norms(), view.head_dim)
-        return UnitScores(heads=heads, channels=_abs_column_sums(view.down.weight) * stats.ffn_norms())
+        attn_channels = _abs_column_sums(view.o.weight) * stats.attn_norms()
+        return UnitScores(heads=_per_head(attn_channels, view.head_dim),
+                          channels=_abs_column_sums(view.down.weight) * stats.ffn_norms(), attn_channels=attn_channels)
+
+
+def fluctuation(norms_centred: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
+    """FLAP's WIFV per input channel j: Var_tokens(x_j) * ||W[:, j]||^2."""
+    return norms_centred.pow(2) / tokens * _column_norms(weight).pow(2)
 
 
 @register_metric
 class FlapMetric(Metric):
-    """FLAP's fluctuation metric WIFV(j) = Var_tokens(x_j) * ||W[:, j]||^2 (heads: sum over channels)."""
+    """FLAP (lib/prune.py, metric WIFV): WIFV per input channel of down_proj, and WIFV squared once
+    more per input channel of o_proj, as the reference computes them; a head's own score is the
+    sum of its channels, but FLAP ranks by channels (``--normalize channels``)."""
 
     name = "flap"
 
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
-        attn_var = stats.attn_norms(centred=True).pow(2) / stats.tokens
-        ffn_var = stats.ffn_norms(centred=True).pow(2) / stats.tokens
-        heads = _per_head(attn_var * _column_norms(view.o.weight).pow(2), view.head_dim)
-        return UnitScores(heads=heads, channels=ffn_var * _column_norms(view.down.weight).pow(2))
+        attn_channels = fluctuation(stats.attn_norms(centred=True), view.o.weight, stats.tokens).pow(2)
+        channels = fluctuation(stats.ffn_norms(centred=True), view.down.weight, stats.tokens)
+        return UnitScores(heads=_per_head(attn_channels, view.head_dim), channels=channels,
+                          attn_channels=attn_channels)
 
 
 def _taylor(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -230,9 +254,9 @@ class TaylorMetric(Metric):
     needs_gradients = True
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
-        hd, rep = view.head_dim, view.widths.group_size
-        q = _per_head(_taylor(view.q.weight, 1), hd) + _per_head(_taylor(view.o.weight, 0), hd)
-        kv = _per_head(_taylor(view.k.weight, 1) + _taylor(view.v.weight, 1), hd)
-        heads = q + kv.repeat_interleave(rep) / rep  # a K/V head's share split over its query heads
+        hd = view.head_dim
+        per_channel = _taylor(view.q.weight, 1) + _taylor(view.o.weight, 0)
+        kv = _taylor(view.k.weight, 1) + _taylor(view.v.weight, 1)
         ffn = _taylor(view.gate.weight, 1) + _taylor(view.up.weight, 1) + _taylor(view.down.weight, 0)
-        return UnitScores(heads=heads, channels=ffn)
+        return UnitScores(heads=_per_head(per_channel, hd), channels=ffn, kv_heads=_per_head(kv, hd),
+                          attn_channels=per_channel)

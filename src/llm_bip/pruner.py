@@ -69,6 +69,7 @@ class Pruner:
         config.check()
         config = config.resolved()
         self.stack = Stack(model, config, blocks)
+        config = replace(config, keep_dense=config.dense_layers(len(self.stack.views)))
         if config.compensate == "auto":
             config = replace(config, compensate=self.stack.adapter.supports_compensation(model.config))
         self.config, self.record = config, record

@@ -54,14 +54,22 @@ class ScoreRecord:
                            {i: m for i, m in self.means.items() if i in layers}, self.settings, self.widths)
 
 
+# UnitScores fields a metric may leave out
+OPTIONAL_SCORES = ("kv_heads", "attn_channels")
+
+
 def save_scores(path: str | Path, record: ScoreRecord) -> None:
-    """``layer{i}.heads`` / ``.channels`` / ``.output_norm`` (and ``.attn_mean`` / ``.ffn_mean`` when
-    compensating) as float64 tensors; settings and widths in the file's metadata."""
+    """``layer{i}.heads`` / ``.channels`` / ``.output_norm`` (and ``.kv_heads`` / ``.attn_channels``
+    where the metric gives them, ``.attn_mean`` / ``.ffn_mean`` when compensating) as float64
+    tensors; settings and widths in the file's metadata."""
     tensors = {}
     for i, s in record.scores.items():
         tensors[f"layer{i}.heads"] = s.heads.double().contiguous()
         tensors[f"layer{i}.channels"] = s.channels.double().contiguous()
         tensors[f"layer{i}.output_norm"] = torch.tensor([record.norms[i]], dtype=torch.float64)
+        for name in OPTIONAL_SCORES:
+            if getattr(s, name) is not None:
+                tensors[f"layer{i}.{name}"] = getattr(s, name).double().contiguous()
     for i, (attn, ffn) in record.means.items():
         tensors[f"layer{i}.attn_mean"] = attn.double().contiguous()
         tensors[f"layer{i}.ffn_mean"] = ffn.double().contiguous()
@@ -86,7 +94,9 @@ def load_scores(path: str | Path) -> ScoreRecord:
     means = {i: (tensors[f"layer{i}.attn_mean"], tensors[f"layer{i}.ffn_mean"])
              for i in layers if f"layer{i}.attn_mean" in tensors}
     return ScoreRecord(
-        scores={i: UnitScores(tensors[f"layer{i}.heads"], tensors[f"layer{i}.channels"]) for i in layers},
+        scores={i: UnitScores(tensors[f"layer{i}.heads"], tensors[f"layer{i}.channels"],
+                              **{name: tensors.get(f"layer{i}.{name}") for name in OPTIONAL_SCORES})
+                for i in layers},
         norms={i: float(tensors[f"layer{i}.output_norm"]) for i in layers},
         means=means, settings=meta["settings"], widths=meta["widths"],
     )
