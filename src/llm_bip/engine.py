@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
 
 import torch
 from torch import nn
@@ -59,8 +58,7 @@ class Stack:
 
     def block_units(self, i: int, scores: UnitScores, gqa: str, output_norm: float = 1.0) -> BlockUnits:
         view = self.views[i]
-        allowed = partial(self.adapter.allows_heads, view.hidden_size)
-        return block_units(view.widths, BlockCosts.of(view), scores, gqa, allowed, output_norm)
+        return block_units(view.widths, BlockCosts.of(view), scores, gqa, output_norm)
 
 
 def size_counts(stack: Stack, alloc: AllocationOptions) -> dict[int, tuple[int, int]]:
