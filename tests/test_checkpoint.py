@@ -10,7 +10,7 @@ from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.checkpoint import load_model
 from llm_bip.outputs import OUTPUT_MARKER, SCORES_FILE
 from llm_bip.scores import save_scores
-from tiny_models import random_ids, tiny_model
+from tiny_models import VOCAB, build_model, random_ids, tiny_model
 
 VARIANTS = ["llama-mha", "llama-gqa", "llama-gqa-bias", "qwen2-gqa", "mistral-gqa"]
 
@@ -49,6 +49,27 @@ def test_per_layer_widths_reload_with_load_pruned(variant, tmp_path):
     for a, b in zip(reloaded.model.layers, model.model.layers):
         assert a.mlp.down_proj.weight.shape == b.mlp.down_proj.weight.shape
         assert a.self_attn.q_proj.weight.shape == b.self_attn.q_proj.weight.shape
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
+def test_uniform_head_count_that_does_not_divide_hidden_size(architecture, tmp_path):
+    """3 of 4 heads, hidden 32: LlamaConfig refuses 3 as its global head count, so a llama folder holds
+    per-layer widths (global fields valid); Mistral and Qwen2 accept it and keep the stock fields."""
+    model = build_model(architecture, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64)
+    _, result = prune(model, None, PruneConfig(ratio=0.25, method="magnitude", allocation="uniform"))
+    assert {w.num_heads for w in result.widths_after} == {3}
+    save_model(model, None, tmp_path / "out", overwrite=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    stock = architecture != "llama"
+    assert bool(config.get("per_layer_config")) != stock
+    assert config["num_attention_heads"] == (3 if stock else 4)
+    if stock:
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    else:
+        reloaded = load_pruned(tmp_path / "out")
+    ids = random_ids(2, 12, seed=5)
+    assert (reloaded(ids).logits - model(ids).logits).abs().max() < 1e-5
 
 
 def test_load_model_dispatches_pruned_folders(tmp_path):

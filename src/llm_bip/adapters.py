@@ -130,10 +130,12 @@ class ModelAdapter:
         view.attention.config.attention_bias = True
         view.mlp.config.mlp_bias = True
 
-    def allows_heads(self, hidden_size: int, num_heads: int) -> bool:
-        """Whether transformers accepts this head count: its config validation (5.x) insists on
-        hidden_size % num_attention_heads == 0 even when head_dim is explicit."""
-        return num_heads > 0 and hidden_size % num_heads == 0
+    def allows_heads(self, config, num_heads: int) -> bool:
+        """Whether ``config``'s class accepts this global ``num_attention_heads``: LlamaConfig's validation
+        (transformers 5.x) insists on hidden_size % num_attention_heads == 0 even when head_dim is
+        explicit, and checks the global field only (per-layer entries may hold any count); Mistral's
+        and Qwen2's accept any count."""
+        return config.model_type != "llama" or config.hidden_size % num_heads == 0
 
 
 ADAPTERS: dict[str, ModelAdapter] = {t: ModelAdapter() for t in ModelAdapter.model_types}

@@ -8,7 +8,6 @@ attention code. ``gqa="groups"`` removes whole KV groups (a K/V head and its que
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,7 +24,7 @@ class AllocationOptions:
     gqa: str = "groups"  # groups | heads
     normalize: str = "none"  # none | output | zscore | channels | log-channels: see ranking_keys
     min_channels: float = 0.05  # fraction of FFN channels every block keeps
-    round_to: int = 1  # kept FFN widths a multiple of this
+    round_to: int = 1  # kept FFN widths a multiple of this (or the block's full width)
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,25 @@ class BlockUnits:
     attn_kv_heads: list[list[int]]
     channel_scores: torch.Tensor
     channel_order: list[int]
-    attn_counts: list[int]
     output_norm: float = 1.0
 
     @property
     def attn_cost(self) -> int:
         return len(self.attn_heads[0]) * self.costs.head + len(self.attn_kv_heads[0]) * self.costs.kv_head
 
-    def max_channels_removed(self, opts: AllocationOptions) -> int:
+    @property
+    def max_attn_removed(self) -> int:
+        """Every block keeps one attention unit."""
+        return len(self.attn_heads) - 1
+
+    def min_kept(self, opts: AllocationOptions) -> int:
+        """The narrowest FFN width allowed: the least multiple of ``round_to`` that keeps ``min_channels``."""
         inter = self.widths.intermediate_size
-        keep = max(1, math.ceil(opts.min_channels * inter), opts.round_to)
-        return max(0, inter - keep)
+        least = max(1, math.ceil(opts.min_channels * inter))
+        return min(inter, opts.round_to * math.ceil(least / opts.round_to))
+
+    def max_channels_removed(self, opts: AllocationOptions) -> int:
+        return self.widths.intermediate_size - self.min_kept(opts)
 
 
 @dataclass
@@ -94,12 +101,8 @@ class LayerPlan:
 
 
 def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
-                allowed_heads: Callable[[int], bool] = lambda n: n > 0, output_norm: float = 1.0) -> BlockUnits:
-    """Group head scores into removable attention units and order everything by score.
-
-    ``allowed_heads(n)`` says which kept query-head counts the architecture's config accepts;
-    only removal counts that land on one are offered to the allocator.
-    """
+                output_norm: float = 1.0) -> BlockUnits:
+    """Group head scores into removable attention units and order everything by score."""
     heads = scores.heads.double()
     kv = scores.kv_heads.double() if scores.kv_heads is not None else torch.zeros(widths.num_kv_heads)
     n_rep = widths.group_size
@@ -115,10 +118,8 @@ def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
     unit_scores = torch.stack([heads[m].sum() + kv[k].sum() for m, k in zip(members, kv_members)])
     order = torch.argsort(unit_scores, stable=True).tolist()
     channel_order = torch.argsort(scores.channels.double(), stable=True).tolist()
-    per_unit = len(members[0])
-    counts = [n for n in range(len(members)) if allowed_heads(widths.num_heads - n * per_unit)]
     return BlockUnits(
-        widths=widths, costs=costs, attn_counts=counts,
+        widths=widths, costs=costs,
         attn_scores=unit_scores[order], attn_heads=[members[i] for i in order],
         attn_kv_heads=[kv_members[i] for i in order],
         channel_scores=scores.channels.double()[channel_order], channel_order=channel_order,
@@ -136,7 +137,9 @@ def uniform_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total:
 
     The attention share follows the ratio (the nearest whole number of units whose remainder the
     FFN channels can make up); channels make up the rest of each block's budget, so the ratio
-    obtained is the ratio asked for within one channel.
+    obtained is the ratio asked for within half a channel per pruned block. With ``round_to`` N
+    every block keeps the multiple of N nearest its exact width, the same in every block: within
+    half a step (N / 2 channels) per pruned block, the nearest a uniform width can come.
     """
     prunable = sum(u.costs.total for u in units.values())
     block_ratio = opts.ratio * total / prunable
@@ -155,18 +158,19 @@ def _uniform_block_counts(i: int, u: BlockUnits, block_ratio: float, opts: Alloc
     budget = block_ratio * u.costs.total
     max_channels = u.max_channels_removed(opts)
 
-    def channels_for(n_attn: int) -> int:
-        return max(0, round((budget - n_attn * u.attn_cost) / u.costs.channel))
+    def channels_for(n_attn: int) -> float:
+        """FFN channels (fractional) that complete the block's budget after ``n_attn`` attention units."""
+        return max(0.0, (budget - n_attn * u.attn_cost) / u.costs.channel)
 
-    feasible = [n for n in u.attn_counts if channels_for(n) <= max_channels]
+    feasible = [n for n in range(u.max_attn_removed + 1) if round(channels_for(n)) <= max_channels]
     if not feasible:
-        most = max(u.attn_counts)
         raise PruneError(
-            f"ratio {opts.ratio} would empty layer {i}: it would need {channels_for(most)} of "
-            f"{u.widths.intermediate_size} FFN channels removed (at most {max_channels})"
+            f"ratio {opts.ratio} would empty layer {i}: it would need {round(channels_for(u.max_attn_removed))} "
+            f"of {u.widths.intermediate_size} FFN channels removed (at most {max_channels})"
         )
     n_attn = min(feasible, key=lambda n: abs(n - block_ratio * len(u.attn_heads)))
-    return n_attn, channels_for(n_attn)
+    inter = u.widths.intermediate_size
+    return n_attn, inter - _nearest_width(u, inter - channels_for(n_attn), opts)
 
 
 def standardised(scores: UnitScores, head_dim: int, log: bool = False) -> UnitScores:
@@ -218,36 +222,36 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     greedy knapsack never removes a unit before a lower-keyed one of the same kind. A head unit
     that would overshoot the budget by more than one channel is skipped; one that must still go
     (finer units ran out) takes back the highest-keyed channels it makes unnecessary. So the ratio
-    obtained is the ratio asked within one channel.
+    obtained is the ratio asked within one channel (``allocate`` then rounds the widths).
     """
     candidates = []
     for i, u in units.items():
         attn_keys, channel_keys = ranking_keys(u, opts.normalize)
-        for lo, hi in zip(u.attn_counts, u.attn_counts[1:]):  # steps between allowed head counts
-            candidates.append((float(attn_keys[lo:hi].mean()), i, 0, hi - lo, (hi - lo) * u.attn_cost))
+        for k in range(u.max_attn_removed):
+            candidates.append((float(attn_keys[k]), i, 0, u.attn_cost))
         for k in range(u.max_channels_removed(opts)):
-            candidates.append((float(channel_keys[k]), i, 1, 1, u.costs.channel))
+            candidates.append((float(channel_keys[k]), i, 1, u.costs.channel))
     candidates.sort(key=lambda c: c[0])
     target = opts.ratio * total
     slack = max(u.costs.channel for u in units.values())
     counts = {i: [0, 0] for i in units}
     removed, blocked, deferred, channels_taken = 0, set(), [], []
     for candidate in candidates:
-        _key, i, kind, n, cost = candidate
+        _key, i, kind, cost = candidate
         if removed >= target:
             break
         if (i, kind) in blocked or removed + cost > target + slack:
             blocked.add((i, kind))  # a coarse unit would overshoot: finer ones fill the rest first,
             deferred.append(candidate)  # and later units of this block and kind wait behind it
             continue
-        counts[i][kind] += n
+        counts[i][kind] += 1
         removed += cost
         if kind == 1:
             channels_taken.append((i, cost))
-    for _key, i, kind, n, cost in deferred:  # only when finer units could not meet the budget
+    for _key, i, kind, cost in deferred:  # only when finer units could not meet the budget
         if removed >= target:
             break
-        counts[i][kind] += n
+        counts[i][kind] += 1
         removed += cost
     if removed < target:
         raise PruneError(f"ratio {opts.ratio:.4g} would empty layers: at most {removed / total:.3f} of the block "
@@ -259,11 +263,61 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     return {i: (a, c) for i, (a, c) in counts.items()}
 
 
-def _rounded_channel_count(u: BlockUnits, n_ch: int, round_to: int) -> int:
-    """Adjust the removed count so the kept width is the nearest multiple of ``round_to``."""
-    inter = u.widths.intermediate_size
-    keep = max(round_to, round((inter - n_ch) / round_to) * round_to)
-    return inter - min(keep, inter)
+def removed_parameters(units: dict[int, BlockUnits], counts: dict[int, tuple[int, int]]) -> int:
+    """Parameters removed by taking ``counts`` (attention units, FFN channels) from each block."""
+    return sum(n_attn * units[i].attn_cost + n_ch * units[i].costs.channel for i, (n_attn, n_ch) in counts.items())
+
+
+def _nearest_width(u: BlockUnits, kept: float, opts: AllocationOptions) -> int:
+    """The allowed FFN width nearest ``kept`` (ties: the wider): a multiple of ``round_to`` from the
+    block's minimum up, or the block's full width."""
+    n, inter = opts.round_to, u.widths.intermediate_size
+    below, above = (min(inter, max(u.min_kept(opts), n * step(kept / n))) for step in (math.floor, math.ceil))
+    return below if kept - below < above - kept else above
+
+
+def _next_width(u: BlockUnits, width: int, opts: AllocationOptions, wider: bool) -> int | None:
+    """The allowed FFN width one step of ``round_to`` wider or narrower than ``width``; None past the block's limits."""
+    n, inter = opts.round_to, u.widths.intermediate_size
+    if wider:
+        return min(inter, n * (width // n + 1)) if width < inter else None
+    return n * (math.ceil(width / n) - 1) if width > u.min_kept(opts) else None
+
+
+def _rounded_counts(units: dict[int, BlockUnits], counts: dict[int, tuple[int, int]], target: float,
+                    opts: AllocationOptions) -> dict[int, tuple[int, int]]:
+    """``counts`` with every kept FFN width on the ``round_to`` grid and the total still at ``target``.
+
+    Each width is rounded to the nearest allowed one; then, while the removed parameters miss the
+    target by more than half a step, the block whose rounding came closest to going the other way
+    moves one step (largest-remainder rounding). So the ratio obtained is the ratio asked within
+    half a step (``round_to`` channels of one block), and the blocks stay next to their allocation.
+    """
+    exact = {i: units[i].widths.intermediate_size - n_ch for i, (_, n_ch) in counts.items()}
+    kept = {i: _nearest_width(units[i], width, opts) for i, width in exact.items()}
+
+    def rounded() -> dict[int, tuple[int, int]]:
+        return {i: (n_attn, units[i].widths.intermediate_size - kept[i]) for i, (n_attn, _) in counts.items()}
+
+    excess = removed_parameters(units, rounded()) - target
+    while move := _repair_move(units, exact, kept, excess, opts):
+        i, width = move
+        excess += (kept[i] - width) * units[i].costs.channel
+        kept[i] = width
+    return rounded()
+
+
+def _repair_move(units: dict[int, BlockUnits], exact: dict[int, int], kept: dict[int, int], excess: float,
+                 opts: AllocationOptions) -> tuple[int, int] | None:
+    """(block, new width) of the step that brings the removed parameters nearer the target and whose
+    block was rounded furthest the other way; None when no step gets nearer."""
+    wider = excess > 0  # too much removed: some block keeps a step more
+    moves = []
+    for i, width in kept.items():
+        step = _next_width(units[i], width, opts, wider)
+        if step is not None and abs(step - width) * units[i].costs.channel < 2 * abs(excess):
+            moves.append((exact[i] - width if wider else width - exact[i], i, step))
+    return max(moves, key=lambda m: m[0])[1:] if moves else None
 
 
 def allocate(units: dict[int, BlockUnits], total: int, opts: AllocationOptions) -> dict[int, tuple[int, int]]:
@@ -279,7 +333,9 @@ def allocate(units: dict[int, BlockUnits], total: int, opts: AllocationOptions) 
     if opts.allocation not in count_fns:
         raise PruneError(f"unknown --allocation {opts.allocation!r}; use {', '.join(count_fns)}")
     counts = count_fns[opts.allocation](units, opts, total)
-    return {i: (n_attn, _rounded_channel_count(units[i], n_ch, opts.round_to)) for i, (n_attn, n_ch) in counts.items()}
+    if opts.allocation == "uniform" or opts.round_to == 1:  # uniform rounds its widths itself, alike
+        return counts
+    return _rounded_counts(units, counts, opts.ratio * total, opts)
 
 
 def select_units(u: BlockUnits, n_attn: int, n_channels: int) -> LayerPlan:

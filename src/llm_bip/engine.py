@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
 
 import torch
 from torch import nn
@@ -64,8 +63,7 @@ class Stack:
         view = self.views[i]
         if alloc.normalize in ("channels", "log-channels"):
             scores = standardised(scores, view.head_dim, log=alloc.normalize == "log-channels")
-        allowed = partial(self.adapter.allows_heads, view.hidden_size)
-        return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, allowed, output_norm)
+        return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, output_norm)
 
 
 def size_counts(stack: Stack, alloc: AllocationOptions) -> dict[int, tuple[int, int]]:

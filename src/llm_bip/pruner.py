@@ -104,7 +104,7 @@ class Pruner:
         widths_before, blocks_before = stack.widths(), stack.parameters()
         alloc = add_compensation_biases(stack, self.alloc) if self.config.compensate else self.alloc
         record, plans = self._scores_and_plans(alloc, calib, progress)
-        describe_widths(model.config, stack.widths())
+        describe_widths(stack.adapter, model.config, stack.widths())
         params = {
             "blocks_before": blocks_before, "blocks_after": stack.parameters(),
             "model_before": model_before, "model_after": sum(p.numel() for p in model.parameters()),

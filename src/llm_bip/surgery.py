@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -58,23 +61,30 @@ def compensate_bias(view: BlockView, plan: LayerPlan, attn_mean: torch.Tensor, f
             linear.bias.add_(shift.to(linear.bias.dtype))
 
 
-def describe_widths(config, widths: list[Widths]) -> None:
+def describe_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> None:
     """Write the block sizes into a model config.
 
-    All blocks alike: the stock fields, loadable by any transformers. Otherwise transformers'
-    ``per_layer_config`` holds each block's sizes, the global fields stay at the widest block.
+    All blocks alike, with a head count the config class accepts: the stock fields, loadable by any
+    transformers. Otherwise transformers' ``per_layer_config`` holds each block's sizes and the global
+    fields stay at the widest block, its head count raised to the least one the class accepts
+    (LlamaConfig: a divisor of hidden_size); no block is built from them.
     """
     config.per_layer_config = None
     config.allow_global_per_layer_attribute_access = False
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if len(set(widths)) == 1:
-        for key, value in widths[0].as_config().items():
-            setattr(config, key, value)
-        return
-    widest = Widths(*(max(getattr(w, f) for w in widths) for f in ("num_heads", "num_kv_heads", "intermediate_size")))
-    for key, value in widest.as_config().items():
+    stock = len(set(widths)) == 1 and adapter.allows_heads(config, widths[0].num_heads)
+    for key, value in (widths[0] if stock else _global_widths(adapter, config, widths)).as_config().items():
         setattr(config, key, value)
+    if stock:
+        return
     config.per_layer_config = {i: w.as_config() for i, w in enumerate(widths)}
     # transformers 5.x LlamaConfig.validate_architecture reads num_attention_heads globally, so a
-    # config whose head counts vary per layer can neither be saved nor loaded without this flag.
+    # per-layer config can neither be saved nor loaded without this flag.
     config.allow_global_per_layer_attribute_access = True
+
+
+def _global_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> Widths:
+    """A per-layer config's global fields: the widest block's sizes, with a head count ``config``'s class accepts."""
+    widest = Widths(*(max(getattr(w, f) for w in widths) for f in ("num_heads", "num_kv_heads", "intermediate_size")))
+    heads = next(n for n in itertools.count(widest.num_heads) if adapter.allows_heads(config, n))
+    return replace(widest, num_heads=heads)
