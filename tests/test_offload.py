@@ -202,6 +202,7 @@ def test_resume_with_other_settings_is_refused(capsys, models, calib_text_file, 
 
 @pytest.mark.parametrize("extra,words", [
     (["--offload", "--method", "llm-pruner"], ["llm-pruner", "gradients", "--offload"]),
+    (["--offload", "--calibration", "self"], ["--calibration self", "whole model", "--offload"]),
     (["--offload", "--resume"], ["--resume", "no unfinished offloaded run"]),
     (["--resume"], ["--resume", "--offload"]),
     (["--offload", "--eval", "ptb"], ["--offload", "perplexity", "llm-bip eval"]),

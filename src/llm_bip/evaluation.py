@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,29 +86,37 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     nll, count = window_nll(model, windows, batch_size, progress)
     result = Perplexity(dataset, label, seqlen, windows.shape[0], count, math.exp(nll / count))
     if entry is not None:
-        write_cache_entry(entry, result)
+        write_cache_entry(entry, lambda path: Path(path).write_text(json.dumps(result.as_dict())))
     return result
 
 
 def measurement_key(model, windows: torch.Tensor, batch_size: int) -> str:
     """A digest of everything a perplexity depends on: the weights and config, the token windows
     (so the tokenizer and text), the batching and the library versions."""
+    digest = model_digest(model, {"batch_size": batch_size})
+    digest.update(windows.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_digest(model, settings: dict):
+    """A sha256 over the weights and config of ``model``, its device type, the library versions and
+    ``settings``: the key of a result computed from the model (callers may add more to it)."""
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    settings = {"config": config, "batch_size": batch_size, "device": next(model.parameters()).device.type,
+    settings = {**settings, "config": config, "device": next(model.parameters()).device.type,
                 "versions": library_versions()}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-    digest.update(windows.contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return digest
 
 
-def write_cache_entry(entry: Path, result: Perplexity) -> None:
-    """Keep ``result``; a cache that cannot be written is no error (the next run measures again)."""
+def write_cache_entry(entry: Path, write: Callable[[str], None]) -> None:
+    """Keep a result in the cache file ``entry`` (``write`` writes it to the path it is given, atomically
+    renamed); a cache that cannot be written is no error (the next run computes it again)."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(entry, lambda path: Path(path).write_text(json.dumps(result.as_dict())))
+        write_atomically(entry, write)
     except (OSError, PruneError):
         pass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .checkpoint import check_apart_from_inputs, check_device, check_output_folder, load_model, local_inputs
 from .config import PruneConfig, config_for_scores
-from .data import check_text_source
+from .data import check_calibration_source, check_text_source
 from .errors import PruneError
 from .evaluation import Perplexity, perplexity
 from .offload import BlockStore, open_offloaded
@@ -44,7 +44,7 @@ def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offloa
     if offload:
         check_apart_from_inputs(partial_folder(out), inputs)
     if scores is None:
-        check_text_source(config.calibration)
+        check_calibration_source(config.calibration)
     if dataset != "none":
         check_text_source(dataset)
     return out, dataset

@@ -10,7 +10,7 @@ import torch
 from .adapters import Widths
 from .allocation import LayerPlan
 from .config import PruneConfig
-from .data import calibration_ids
+from .data import SELF
 from .engine import Stack, add_compensation_biases, cut, needs_block_inputs, score, score_and_cut, size_counts
 from .errors import PruneError
 from .metrics import make_metric
@@ -19,6 +19,7 @@ from .outputs import __version__, library_versions
 from .profiling import PhaseLog
 from .progress import ProgressStore
 from .scores import ScoreRecord
+from .selfcalib import calibration_batch
 from .surgery import describe_widths
 
 
@@ -83,15 +84,18 @@ class Pruner:
             widths = [w.as_dict() for w in self.stack.widths()]
             record.check_matches(config.scoring_settings(), widths, self.stack.prunable)
         self.needs_data = record is None and (needs_block_inputs(config, metric) or metric.needs_gradients)
+        if self.needs_data and config.calibration == SELF and not self.stack.blocks.whole_model:
+            raise PruneError("--calibration self samples text from the whole model, which --offload never holds "
+                             "in memory; calibrate on a corpus or a file, or prune without --offload")
         self.sequential = config.sequential and record is None and needs_block_inputs(config, metric)
         self.alloc = config.allocation_options()
         size_counts(self.stack, self.alloc)  # the budget can be met
         self.log = PhaseLog()
 
     def calibration(self, tokenizer) -> torch.Tensor | None:
-        """The calibration token ids this run needs (read with ``tokenizer``), or None when it needs none."""
-        c = self.config
-        return calibration_ids(tokenizer, c.calibration, c.n_samples, c.seqlen, c.seed) if self.needs_data else None
+        """The calibration token ids this run needs (read with ``tokenizer``; for 'self', written by the model
+        before it is pruned), or None when it needs none."""
+        return calibration_batch(self.stack.model, tokenizer, self.config) if self.needs_data else None
 
     def run(self, calib: torch.Tensor | None = None, progress: ProgressStore | None = None) -> PruneResult:
         """Prune in place. ``calib``: token ids from ``calibration()`` (ignored when the run needs none);
