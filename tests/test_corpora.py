@@ -4,15 +4,17 @@ pinned package checked, unknown names refused with the list of names."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from llm_bip.cli import main
 from llm_bip.data import (
-    OFFLINE_CORPORA, SHERLOCK_HOLMES, SPLITS, WAR_AND_PEACE, Book, check_calibration_source, check_text_source,
-    corpus_names, is_corpus, load_text,
+    MIX_SOURCES, OFFLINE_CORPORA, SHERLOCK_HOLMES, SPLITS, SURGERY, US_HISTORY, WAR_AND_PEACE, Book,
+    calibration_ids, check_calibration_source, check_text_source, corpus_names, is_corpus, load_text,
 )
 from llm_bip.errors import PruneError
+from tiny_models import build_tokenizer
 
-BOOKS = {"warpeace": WAR_AND_PEACE, "sherlock": SHERLOCK_HOLMES}
+BOOKS = {"warpeace": WAR_AND_PEACE, "sherlock": SHERLOCK_HOLMES, "ushistory": US_HISTORY, "surgery": SURGERY}
 
 
 @pytest.mark.parametrize("name", list(BOOKS))
@@ -26,12 +28,23 @@ def test_book_splits_are_disjoint_ordered_and_cover_the_book(name):
     assert sum(map(len, splits)) >= len(text) - 20  # nothing in between but the whitespace at the cuts
 
 
-@pytest.mark.parametrize("name", list(BOOKS))
+@pytest.mark.parametrize("name", ["warpeace", "sherlock"])  # the evaluation domains (mix reads train splits only)
 def test_book_text_is_prose_without_the_gutenberg_licence(name):
     text = BOOKS[name].text()
     assert "gutenberg" not in text.lower() and "*** " not in text
     lines = [line for line in text.split("\n") if line.strip()]
     assert len(text.split()) / len(lines) > 25  # a line is a paragraph (the file wraps War and Peace at ~10 words)
+
+
+def test_mix_calibration_shares_windows_over_its_sources():
+    """The default calibration: 7 windows are 3 + 2 + 2 of ptb, ushistory and surgery, each the windows
+    that source alone gives; neither the validation nor the test domain is among them."""
+    tokenizer = build_tokenizer()
+    mix = calibration_ids(tokenizer, "mix", 7, 16, seed=1)
+    parts = [calibration_ids(tokenizer, text, n, 16, seed=1) for text, n in zip(MIX_SOURCES, (3, 2, 2))]
+    assert mix.shape == (7, 16) and mix.equal(torch.cat(parts))
+    assert not {"warpeace", "sherlock"} & set(MIX_SOURCES)
+    check_calibration_source("mix")
 
 
 def test_validation_and_test_domains_are_large():

