@@ -23,6 +23,8 @@ CONFIGS = {
     "flap": ["--method", "flap"],
     "sequential": ["--sequential", "--allocation", "global"],
     "bf16": ["--dtype", "bfloat16", "--method", "wanda-sp", "--ratio", "0.3"],
+    "reconstruct": ["--reconstruct"],
+    "reconstruct-sequential": ["--reconstruct", "--sequential", "--allocation", "global", "--method", "wanda-sp"],
 }
 
 
@@ -81,7 +83,8 @@ def offloaded(models, model: str, out: Path, calib: Path, config: str, *extra: s
 
 
 @pytest.mark.parametrize("model,config", [("gqa", "bip"), ("gqa", "global"), ("gqa", "flap"),
-                                          ("tied", "sequential"), ("tied", "bf16"), ("bias", "bip")])
+                                          ("tied", "sequential"), ("tied", "bf16"), ("bias", "bip"),
+                                          ("gqa", "reconstruct"), ("tied", "reconstruct-sequential")])
 def test_offloaded_prune_equals_in_memory(models, in_memory, calib_text_file, tmp_path, model, config):
     out, source = tmp_path / "out", snapshot(models[model])
     assert main(offloaded(models, model, out, calib_text_file, config)) == 0
@@ -132,10 +135,12 @@ class Interrupt:
         return self.save_file(*args, **kwargs)
 
 
-# writes of a 4-block run: 4 progress markers, 4 cut blocks, 3 output shards; sequential: 4 markers of the
-# dense scoring pass, then a marker and a cut block per block
-@pytest.mark.parametrize("config,n", [("bip", 2), ("bip", 6), ("bip", 10), ("sequential", 8)],
-                         ids=["scoring", "surgery", "output", "sequential"])
+# writes of a 4-block run: 4 progress markers, 4 cut blocks, 3 output shards; sequential or reconstruct: 4
+# markers of the dense scoring pass, then a cut block and a marker per block (6, 8: a block written, its marker not)
+@pytest.mark.parametrize("config,n", [("bip", 2), ("bip", 6), ("bip", 10), ("sequential", 8), ("reconstruct", 6),
+                                      ("reconstruct", 7), ("reconstruct-sequential", 8)],
+                         ids=["scoring", "surgery", "output", "sequential", "reconstruct-marker", "reconstruct-block",
+                              "reconstruct-sequential"])
 def test_resume_after_interruption_equals_uninterrupted(monkeypatch, models, in_memory, calib_text_file, tmp_path,
                                                         config, n):
     out = tmp_path / "out"

@@ -47,6 +47,22 @@ def test_reprune_from_scores_equals_a_full_run(method, options, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want), "re-pruned weights differ from the full run's"
 
 
+@pytest.mark.parametrize("method", ["bip", "flap", "magnitude"])
+def test_reprune_with_reconstruction_equals_a_full_run(method, tmp_path):
+    """Scores made without reconstruction, cut with it: what a full --reconstruct run gives, from the same data."""
+    _, first = full_run(0.15, method, {})
+    save_scores(tmp_path / SCORES_FILE, first.record)
+    expected, full = full_run(0.3, method, {"reconstruct": True})
+    model = tiny_model("llama-gqa", layers=4, scale=5.0)
+    config = PruneConfig(ratio=0.3, method=method, reconstruct=True)
+    _, again = prune(model, None, config, calib=CALIB, record=load_scores(tmp_path / SCORES_FILE))
+    assert again.calibration_tokens == CALIB.numel() and "reconstruction" in again.phases
+    assert "scoring" not in again.phases
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), "re-pruned weights differ from the full run's"
+
+
 def test_scores_file_round_trip_is_exact(tmp_path):
     _, result = full_run(0.3, "bip", {})
     save_scores(tmp_path / SCORES_FILE, result.record)
@@ -73,6 +89,26 @@ def test_cli_reprune_matches_full_cli_run(capsys, tiny_model_dir, calib_text_fil
     assert (full / "config.json").read_text() == (again / "config.json").read_text()
     summary = json.loads((again / "llm_bip_summary.json").read_text())
     assert summary["calibration"]["tokens"] == 0 and summary["scores_from"] == str(tmp_path / "r20")
+
+
+def test_cli_reprune_with_reconstruction_reads_the_scored_calibration(capsys, tiny_model_dir, calib_text_file,
+                                                                      tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text_file.read_text())
+    assert main(prune_args(tiny_model_dir, tmp_path / "r20", calib, "--ratio", "0.2")) == 0
+    assert main(prune_args(tiny_model_dir, tmp_path / "r40", calib, "--ratio", "0.4", "--reconstruct")) == 0
+    again = tmp_path / "again"
+    argv = ["prune", str(tiny_model_dir), "--out", str(again), "--eval", "none", "--scores", str(tmp_path / "r20"),
+            "--ratio", "0.4", "--reconstruct"]
+    assert main(argv) == 0
+    full = load_file(str(tmp_path / "r40" / "model.safetensors"))
+    assert all(torch.equal(full[k], v) for k, v in load_file(str(again / "model.safetensors")).items())
+    summary = json.loads((again / "llm_bip_summary.json").read_text())
+    assert summary["calibration"]["tokens"] == 4 * 16 and summary["config"]["reconstruct"]
+    calib.unlink()  # the data the scores were made from is gone: refused before the model is loaded
+    out = tmp_path / "out"
+    argv[3] = str(out)
+    assert_fails_cleanly(capsys, argv, out, [tiny_model_dir], str(calib))
 
 
 @pytest.fixture

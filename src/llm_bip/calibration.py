@@ -2,16 +2,19 @@
 
 Peak activation memory is one block's inputs and outputs over the calibration batch. Statistics
 are accumulated in float64 whatever the model dtype, and are metric-agnostic: every scoring
-metric reads what it needs from :class:`BlockStats`.
+metric reads what it needs from :class:`BlockStats`. Reconstruction reads the Grams of o_proj's
+and down_proj's inputs (:class:`BlockGrams`), from the same forward when both are needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .adapters import BlockView
 from .errors import PruneError
@@ -120,7 +123,27 @@ def _head_gram(view: BlockView) -> torch.Tensor:
     return heads.transpose(1, 2) @ heads
 
 
+@dataclass
+class BlockGrams:
+    """Sums over the calibration tokens of x~ x~^T, float64, for the inputs x of o_proj (``attn``) and of
+    down_proj (``ffn``); x~ = [x, 1] for a projection that has a bias, else x (so the last row and column
+    of a Gram with the ones column hold the input sums and the token count)."""
+
+    attn: torch.Tensor | None = None
+    ffn: torch.Tensor | None = None
+
+
 @contextmanager
+def _pre_hooks(hooks: list[tuple[nn.Module, Callable]]):
+    """Forward pre-hooks on modules meanwhile: (module, hook(module, args)) pairs."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _stats_hooks(view: BlockView, stats: BlockStats):
     gram = _head_gram(view)
 
@@ -143,33 +166,62 @@ def _stats_hooks(view: BlockView, stats: BlockStats):
         stats.ffn_sum = _accumulate(stats.ffn_sum, a.sum(0))
         stats.ffn_sumsq = _accumulate(stats.ffn_sumsq, a.pow(2).sum(0))
 
-    handles = [
-        view.o.register_forward_pre_hook(on_attn),
-        view.mlp_norm.register_forward_pre_hook(on_residual),
-        view.down.register_forward_pre_hook(on_ffn),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return _pre_hooks([(view.o, on_attn), (view.mlp_norm, on_residual), (view.down, on_ffn)])
+
+
+def _gram_hooks(view: BlockView, grams: BlockGrams | None):
+    """Hooks that add each batch's input Grams of o_proj and down_proj into ``grams`` (none when None).
+
+    A batch's Gram is a float32 matmul, added into the float64 sum: a float64 matmul per batch is
+    many times slower on CPUs, and float32 rounding within one batch is far below what the refit's
+    damping changes."""
+
+    def on(name: str):
+        def hook(linear: nn.Linear, args):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            if linear.bias is not None:
+                x = F.pad(x, (0, 1), value=1.0)
+            batch = x.T @ x
+            total = getattr(grams, name)
+            if total is None:
+                setattr(grams, name, batch.double())
+            else:
+                total.add_(batch)
+        return hook
+
+    return _pre_hooks([] if grams is None else [(view.o, on("attn")), (view.down, on("ffn"))])
 
 
 @torch.no_grad()
-def collect_block_stats(view: BlockView, inputs: BlockInputs) -> tuple[BlockStats, BlockInputs]:
-    """One forward pass of the block over the calibration inputs: its statistics and its outputs."""
+def collect_block_stats(view: BlockView, inputs: BlockInputs,
+                        grams: BlockGrams | None = None) -> tuple[BlockStats, BlockInputs]:
+    """One forward pass of the block over the calibration inputs: its statistics and its outputs
+    (and, given ``grams``, its projections' input Grams added into them)."""
     stats = BlockStats()
-    outputs: BlockInputs = []
-    with _stats_hooks(view, stats):
-        for hidden, kwargs in inputs:
-            out = block_output(view.layer, hidden, kwargs)
-            stats.output_sumsq += float(out.detach().float().pow(2).sum())
-            outputs.append((out, kwargs))
-    if not (torch.isfinite(stats.attn_sumsq).all() and torch.isfinite(stats.ffn_sumsq).all()):
+    with _stats_hooks(view, stats), _gram_hooks(view, grams):
+        outputs = forward_block(view.layer, inputs)
+    stats.output_sumsq = sum(float(out.float().pow(2).sum()) for out, _ in outputs)
+    _check_finite(view, stats.attn_sumsq, stats.ffn_sumsq)
+    return stats, outputs
+
+
+@torch.no_grad()
+def collect_block_grams(view: BlockView, inputs: BlockInputs) -> tuple[BlockGrams, BlockInputs]:
+    """One forward pass of the block over the calibration inputs: its projections' input Grams and its outputs."""
+    grams = BlockGrams()
+    with _gram_hooks(view, grams):
+        outputs = forward_block(view.layer, inputs)
+    _check_finite(view, grams.attn, grams.ffn)
+    return grams, outputs
+
+
+def _check_finite(view: BlockView, *sums: torch.Tensor) -> None:
+    """A PruneError when calibration sums over the block's activations hold NaN or Inf."""
+    if not all(torch.isfinite(s).all() for s in sums):
         in_float32 = view.o.weight.dtype == torch.float32
         hint = "check the model's weights for NaN or Inf" if in_float32 else "try --dtype float32"
         raise PruneError(f"calibration activations contain NaN or Inf; {hint}")
-    return stats, outputs
 
 
 def accumulate_lm_gradients(model: nn.Module, weights: list[nn.Parameter], ids: torch.Tensor, batch_size: int) -> None:

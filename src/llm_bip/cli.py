@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="score each block on already-pruned inputs (default: the method's choice)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the kept columns of o_proj and down_proj (and their bias, llama) by least squares to "
+                        "the dense outputs on the calibration data; needs the data even with --scores")
     p.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
@@ -201,8 +204,9 @@ def config_from_args(args) -> PruneConfig:
     return PruneConfig(
         ratio=args.ratio, method=args.method, allocation=args.allocation, gqa=args.gqa, normalize=args.normalize,
         compensate=args.compensate, lipschitz=args.lipschitz, head_score=args.head_score, sequential=args.sequential,
-        calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen, batch_size=args.batch_size,
-        keep_dense=args.keep_dense, min_channels=args.min_channels, round_to=args.round_to, seed=args.seed,
+        reconstruct=args.reconstruct, calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
+        batch_size=args.batch_size, keep_dense=args.keep_dense, min_channels=args.min_channels, round_to=args.round_to,
+        seed=args.seed,
     )
 
 

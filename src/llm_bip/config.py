@@ -50,6 +50,7 @@ class PruneConfig:
     head_score: HeadScore | None = None
     gqa: Gqa = "groups"
     sequential: bool | None = None
+    reconstruct: bool = False  # not a scoring setting: scores made without it can be cut with it, and back
     calibration: str = "ptb"
     n_samples: int = 64
     seqlen: int = 512
@@ -77,8 +78,10 @@ class PruneConfig:
         if self.keep_dense is not None and not (isinstance(self.keep_dense, list)
                                                 and all(_is_int(i) for i in self.keep_dense)):
             raise PruneError(f"{option_name('keep_dense')} must be a list of layer indices, got {self.keep_dense!r}")
-        if not (self.sequential is None or isinstance(self.sequential, bool)):
-            raise PruneError(f"{option_name('sequential')} must be True or False, got {self.sequential!r}")
+        for name in ("sequential", "reconstruct"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and _method_chooses(name))):
+                raise PruneError(f"{option_name(name)} must be True or False, got {value!r}")
         if not isinstance(self.calibration, str) or not self.calibration:
             raise PruneError(f"{option_name('calibration')} must name a dataset or a text file, "
                              f"got {self.calibration!r}")

@@ -303,7 +303,8 @@ def calibration_ids(tokenizer, source: str, n_samples: int, seqlen: int, seed: i
     'mix': the windows shared out over MIX_SOURCES, the first ones taking any remainder."""
     if source == MIX:
         shares = [len(part) for part in torch.arange(n_samples).tensor_split(len(MIX_SOURCES))]
-        return torch.cat([calibration_ids(tokenizer, text, n, seqlen, seed) for text, n in zip(MIX_SOURCES, shares) if n])
+        parts = [calibration_ids(tokenizer, text, n, seqlen, seed) for text, n in zip(MIX_SOURCES, shares) if n]
+        return torch.cat(parts)
     text_len = seqlen - int(needs_bos(tokenizer))
     windows = random_windows(tokenize(tokenizer, load_text(source, "train")), n_samples, text_len, seed)
     return with_bos(windows, tokenizer)

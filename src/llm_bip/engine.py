@@ -6,6 +6,12 @@ what ``llm_bip_scores.safetensors`` holds. ``cut`` allocates the budget by a rec
 cuts the blocks. ``score_and_cut`` is sequential mode, the two fused: each block is scored on the
 outputs of the blocks cut before it. Given a ProgressStore (offloaded runs), a pass continues
 after its last completed block; in memory nothing is kept.
+
+Reconstruction (``--reconstruct``) refits o_proj and down_proj of every cut block to the dense
+block's projection outputs (surgery.refit_projection), from the Grams of their calibration inputs.
+One-shot, ``cut_and_refit`` is a second pass down the stack on dense inputs; sequential, each block's
+Grams come from the forward that collects its statistics. Either way one block's Grams are in memory
+at a time.
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from tqdm.auto import tqdm
 from .adapters import ModelAdapter, Widths, adapter_for
 from .allocation import (AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units,
                          standardised)
-from .calibration import (BlockInputs, accumulate_lm_gradients, capture_block_inputs, collect_block_stats,
-                          forward_block)
+from .calibration import (BlockGrams, BlockInputs, accumulate_lm_gradients, capture_block_inputs,
+                          collect_block_grams, collect_block_stats, forward_block)
 from .config import PruneConfig
 from .metrics import Metric, UnitScores, make_metric
 from .offload import BlockStore
 from .profiling import PhaseLog
 from .progress import Progress, ProgressStore
 from .scores import ScoreRecord
-from .surgery import compensate_bias, prune_block
+from .surgery import Projection, compensate_bias, prune_block, reconstruct
+
+
+STAGE_REFIT = "reconstruction"  # the one-shot reconstruction pass's progress (offloaded runs)
 
 
 class Stack:
@@ -85,8 +94,9 @@ def add_compensation_biases(stack: Stack, alloc: AllocationOptions) -> Allocatio
 
 
 def needs_block_inputs(config: PruneConfig, metric: Metric) -> bool:
-    """Whether the run passes calibration data through the blocks (for statistics or compensation means)."""
-    return metric.needs_block_stats or bool(config.compensate)
+    """Whether scoring passes calibration data through the blocks (for statistics, compensation means, or
+    the Grams of sequential reconstruction; one-shot reconstruction makes its own pass)."""
+    return metric.needs_block_stats or bool(config.compensate) or (config.sequential and config.reconstruct)
 
 
 def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progress: ProgressStore | None = None,
@@ -100,10 +110,38 @@ def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progres
 def cut(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, compensate: bool) -> dict[int, LayerPlan]:
     """Phase two: allocate the budget by ``record``'s scores and cut the prunable blocks in place
     (``compensate``: with FLAP's bias compensation from the record's means). Returns the plans."""
-    units = stack.units(record.scores, record.norms, alloc)
-    counts = allocate(units, stack.parameters(), alloc)
-    plans = {i: select_units(units[i], *counts[i]) for i in stack.prunable}
+    plans = _plans(stack, record, alloc)
     _cut_blocks(stack, plans, range(len(stack.views)), record.means if compensate else None)
+    return plans
+
+
+def cut_and_refit(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, config: PruneConfig,
+                  calib: torch.Tensor, progress: ProgressStore | None = None,
+                  log: PhaseLog | None = None) -> dict[int, LayerPlan]:
+    """Phase two with reconstruction: plan as ``cut`` does, then one pass down the stack on dense inputs.
+    Each block runs dense once over the calibration data: that gives the Grams of its o_proj and
+    down_proj inputs, and its outputs, the next block's inputs. Then it is cut to its plan (with bias
+    compensation as configured) and its o_proj and down_proj are refit. Returns the plans.
+
+    Costs one forward pass over the calibration data, the Grams' matmuls and two small solves per block;
+    holds one block, its inputs and outputs and its two Grams (float64, (width + 1)^2 each) at a time.
+    Offloaded, it keeps its progress like the scoring pass and resumes after the last block it wrote."""
+    plans = _plans(stack, record, alloc)
+    means = record.means if config.compensate else None
+    with (log or PhaseLog()).phase("reconstruction"):
+        start, inputs, _ = _progress(progress, STAGE_REFIT, _block_inputs(stack, calib, config.batch_size), record)
+        _recut(stack, plans, start, means)
+        for i in tqdm(range(start, len(stack.views)), desc="reconstructing blocks"):
+            view = stack.views[i]
+            with stack.blocks.resident(i, write=True):
+                if i in plans:
+                    grams, outputs = collect_block_grams(view, inputs)
+                    _cut(stack, i, plans[i], means, grams)
+                else:
+                    outputs = forward_block(view.layer, inputs)
+            if progress is not None:
+                progress.save(STAGE_REFIT, Progress(i + 1, outputs, record))
+            inputs = outputs
     return plans
 
 
@@ -142,10 +180,12 @@ def _calibration_inputs(stack: Stack, config: PruneConfig, metric: Metric, calib
                         log: PhaseLog) -> BlockInputs | None:
     """Block 0's inputs over the calibration data, or None when no block statistics are needed."""
     with log.phase("calibration_data"):
-        if not needs_block_inputs(config, metric):
-            return None
-        with stack.blocks.embedding_resident():
-            return capture_block_inputs(stack.model, stack.views[0].layer, calib, config.batch_size)
+        return _block_inputs(stack, calib, config.batch_size) if needs_block_inputs(config, metric) else None
+
+
+def _block_inputs(stack: Stack, calib: torch.Tensor, batch_size: int) -> BlockInputs:
+    with stack.blocks.embedding_resident():
+        return capture_block_inputs(stack.model, stack.views[0].layer, calib, batch_size)
 
 
 def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs | None,
@@ -154,26 +194,25 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
     """One pass down the stack: score every prunable block on its calibration inputs.
 
     With ``counts`` (attention units and channels each block loses) each block is cut right after
-    it is scored, and the next block sees the cut block's outputs. Returns the record and the plans
-    of the cut blocks.
+    it is scored (and refit, with ``config.reconstruct``, from Grams of the same forward), and the next
+    block sees the cut block's outputs. Returns the record and the plans of the cut blocks.
     """
     record = ScoreRecord({}, {}, {}, config.scoring_settings(), [w.as_dict() for w in stack.widths()])
-    done = progress.load(stage, inputs) if progress is not None else None
-    start = 0
-    if done is not None:
-        start, inputs = done.next_block, done.inputs
-        record = replace(record, scores=done.record.scores, norms=done.record.norms, means=done.record.means)
+    start, inputs, saved = _progress(progress, stage, inputs, record)
+    record = replace(record, scores=saved.scores, norms=saved.norms, means=saved.means)
     means = record.means if config.compensate else None
     cutting = counts is not None
     alloc = config.allocation_options()  # how units are grouped and ordered (its ratio is not read here)
     plans = {}
-    if cutting:  # blocks cut before an interruption are cut again (offloaded: their shapes)
+    if cutting:
         plans = {i: select_units(stack.block_units(i, s, alloc), *counts[i]) for i, s in record.scores.items()}
-        _cut_blocks(stack, plans, range(start), means)
+        _recut(stack, plans, start, means)
     for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
         view = stack.views[i]
         with stack.blocks.resident(i, write=cutting):
-            stats, outputs = collect_block_stats(view, inputs) if inputs is not None else (None, None)
+            refit = cutting and config.reconstruct and i in stack.prunable
+            grams = BlockGrams() if refit else None
+            stats, outputs = collect_block_stats(view, inputs, grams) if inputs is not None else (None, None)
             if i in stack.prunable:
                 record.scores[i] = metric.score(view, stats, i)
                 record.norms[i] = stats.output_norm if stats is not None else 1.0
@@ -181,12 +220,36 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
                     means[i] = (stats.attn_mean(), stats.ffn_mean())
                 if cutting:
                     plans[i] = select_units(stack.block_units(i, record.scores[i], alloc), *counts[i])
-                    _cut(stack, i, plans[i], means)
+                    _cut(stack, i, plans[i], means, grams)
                     outputs = forward_block(view.layer, inputs)
-            if progress is not None:
-                progress.save(stage, Progress(i + 1, outputs, record))
+        if progress is not None:
+            progress.save(stage, Progress(i + 1, outputs, record))
         inputs = outputs
     return record, plans
+
+
+def _plans(stack: Stack, record: ScoreRecord, alloc: AllocationOptions) -> dict[int, LayerPlan]:
+    """What every prunable block keeps, with the budget allocated by ``record``'s scores."""
+    units = stack.units(record.scores, record.norms, alloc)
+    counts = allocate(units, stack.parameters(), alloc)
+    return {i: select_units(units[i], *counts[i]) for i in stack.prunable}
+
+
+def _progress(progress: ProgressStore | None, stage: str, inputs: BlockInputs | None,
+              record: ScoreRecord) -> tuple[int, BlockInputs | None, ScoreRecord]:
+    """Where the pass ``stage`` stands (its next block, that block's inputs, the record so far): as an
+    interrupted run left it, else at block 0 with ``inputs`` and ``record``."""
+    done = progress.load(stage, inputs) if progress is not None else None
+    return (done.next_block, done.inputs, done.record) if done is not None else (0, inputs, record)
+
+
+def _recut(stack: Stack, plans: dict[int, LayerPlan], start: int, means: dict | None) -> None:
+    """Before a pass that cuts blocks continues at block ``start``: the blocks before it, cut (offloaded:
+    written) by the interrupted run, are cut again (their shapes); what it wrote of block ``start``, if
+    anything, is forgotten, since every block is worked on from its dense weights."""
+    _cut_blocks(stack, plans, range(start), means)
+    if start < len(stack.views):
+        stack.blocks.forget(start)
 
 
 def _cut_blocks(stack: Stack, plans: dict[int, LayerPlan], blocks: range, means: dict | None) -> None:
@@ -197,8 +260,14 @@ def _cut_blocks(stack: Stack, plans: dict[int, LayerPlan], blocks: range, means:
                 _cut(stack, i, plans[i], means)
 
 
-def _cut(stack: Stack, i: int, plan: LayerPlan, means: dict[int, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-    """Cut block ``i`` to ``plan``; with ``means``, first move the removed units' mean contribution into biases."""
+def _cut(stack: Stack, i: int, plan: LayerPlan, means: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+         grams: BlockGrams | None = None) -> None:
+    """Cut block ``i`` to ``plan``; with ``means``, first move the removed units' mean contribution into biases;
+    with ``grams`` (of the dense block's projection inputs), then refit o_proj and down_proj (reconstruction)."""
+    view = stack.views[i]
+    dense = (Projection.of(view.o), Projection.of(view.down)) if grams is not None else None
     if means is not None:
-        compensate_bias(stack.views[i], plan, *means[i])
-    prune_block(stack.adapter, stack.views[i], plan)
+        compensate_bias(view, plan, *means[i])
+    prune_block(stack.adapter, view, plan)
+    if grams is not None:
+        reconstruct(view, plan, dense, grams)

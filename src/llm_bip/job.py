@@ -35,16 +35,18 @@ def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offloa
                     dtype: str) -> tuple[Path, str]:
     """Every check that needs no model, run before anything is loaded: the options, the device, an output
     folder (and offloaded work folder) apart from every input, readable calibration and evaluation text.
-    Returns the output folder and the perplexity dataset ("none": no perplexity)."""
+    ``config`` is the run's, with ``scores``' settings taken in. Returns the output folder and the perplexity
+    dataset ("none": no perplexity)."""
     dataset = _eval_dataset(eval_dataset, offload, resume)
     config.check()
     check_device(device, dtype)
-    inputs = local_inputs(source, config.calibration, scores, dataset)
+    calibration = config.calibration if scores is None or config.reconstruct else None
+    inputs = local_inputs(source, calibration, scores, dataset)
     out = check_output_folder(out, overwrite, inputs)
     if offload:
         check_apart_from_inputs(partial_folder(out), inputs)
-    if scores is None:
-        check_calibration_source(config.calibration)
+    if calibration is not None:
+        check_calibration_source(calibration)
     if dataset != "none":
         check_text_source(dataset)
     return out, dataset
@@ -65,11 +67,11 @@ def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *
     progress lines (the CLI prints them). Returns the summary that is written to the output.
     """
     config = config or PruneConfig()
-    out, dataset = check_prune_job(source, out, config, offload=offload, resume=resume, overwrite=overwrite,
-                                   scores=scores, eval_dataset=eval_dataset, device=device, dtype=dtype)
     record = load_scores(scores) if scores else None
     if record is not None:
         config = config_for_scores(config, record)
+    out, dataset = check_prune_job(source, out, config, offload=offload, resume=resume, overwrite=overwrite,
+                                   scores=scores, eval_dataset=eval_dataset, device=device, dtype=dtype)
     log = PhaseLog()
     with log.phase("load"):
         if offload:

@@ -47,6 +47,10 @@ class BlockStore:
         """The input embedding in memory meanwhile, to compute block 0's calibration inputs."""
         yield
 
+    def forget(self, index: int) -> None:
+        """Drop what was written of block ``index``, so that it is read dense again (in memory nothing is
+        written, and nothing resumed)."""
+
     def save(self, model, tokenizer, out: Path, overwrite: bool, extras: Callable[[Path], None] | None = None):
         return save_model(model, tokenizer, out, overwrite, extras)
 
@@ -84,6 +88,9 @@ class OffloadedBlocks(BlockStore):
     def embedding_resident(self):
         with self._materialised(self.embedding, self.embedding_prefix):
             yield
+
+    def forget(self, index: int) -> None:
+        self._shard(index).unlink(missing_ok=True)
 
     def save(self, model, tokenizer, out: Path, overwrite: bool, extras: Callable[[Path], None] | None = None):
         """Assemble the output from the cut blocks' shards and the checkpoint's other tensors; then the

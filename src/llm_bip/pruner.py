@@ -11,7 +11,8 @@ from .adapters import Widths
 from .allocation import LayerPlan
 from .config import PruneConfig
 from .data import SELF
-from .engine import Stack, add_compensation_biases, cut, needs_block_inputs, score, score_and_cut, size_counts
+from .engine import (Stack, add_compensation_biases, cut, cut_and_refit, needs_block_inputs, score, score_and_cut,
+                     size_counts)
 from .errors import PruneError
 from .metrics import make_metric
 from .offload import BlockStore
@@ -83,7 +84,12 @@ class Pruner:
         if record is not None:
             widths = [w.as_dict() for w in self.stack.widths()]
             record.check_matches(config.scoring_settings(), widths, self.stack.prunable)
-        self.needs_data = record is None and (needs_block_inputs(config, metric) or metric.needs_gradients)
+        # reconstruction reads the calibration data even when the scores are given
+        self.needs_data = config.reconstruct or (record is None and (needs_block_inputs(config, metric)
+                                                                     or metric.needs_gradients))
+        # compensation and reconstruction move what is cut into o_proj/down_proj biases, where the model can hold them
+        self.output_biases = config.compensate or (config.reconstruct
+                                                   and self.stack.adapter.supports_compensation(model.config))
         if self.needs_data and config.calibration == SELF and not self.stack.blocks.whole_model:
             raise PruneError("--calibration self samples text from the whole model, which --offload never holds "
                              "in memory; calibrate on a corpus or a file, or prune without --offload")
@@ -102,11 +108,12 @@ class Pruner:
         ``progress``: where an offloaded run keeps its progress, to resume after an interruption."""
         calib = calib if self.needs_data else None
         if self.needs_data and calib is None:
-            raise ValueError(f"method {self.config.method} needs calibration token ids: pass calibration(tokenizer)")
+            needs = "reconstruction" if self.config.reconstruct else f"method {self.config.method}"
+            raise ValueError(f"{needs} needs calibration token ids: pass calibration(tokenizer)")
         model, stack = self.stack.model, self.stack
         model_before = sum(p.numel() for p in model.parameters())
         widths_before, blocks_before = stack.widths(), stack.parameters()
-        alloc = add_compensation_biases(stack, self.alloc) if self.config.compensate else self.alloc
+        alloc = add_compensation_biases(stack, self.alloc) if self.output_biases else self.alloc
         record, plans = self._scores_and_plans(alloc, calib, progress)
         describe_widths(stack.adapter, model.config, stack.widths())
         params = {
@@ -123,6 +130,8 @@ class Pruner:
             record = self.record.only(self.stack.prunable)
         else:
             record = score(self.stack, self.config, calib, progress, self.log)
+        if self.config.reconstruct:
+            return record, cut_and_refit(self.stack, record, alloc, self.config, calib, progress, self.log)
         with self.log.phase("surgery"):
             return record, cut(self.stack, record, alloc, self.config.compensate)
 

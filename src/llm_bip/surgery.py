@@ -1,15 +1,20 @@
-"""Physical removal of heads and FFN channels, and the config that describes the result."""
+"""Physical removal of heads and FFN channels, what keeps the cut block's output close (bias compensation,
+least-squares reconstruction), and the config that describes the result."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .adapters import BlockView, ModelAdapter, Widths
 from .allocation import LayerPlan
+from .calibration import BlockGrams
+
+# damping of the reconstruction's least squares: lambda = RIDGE * mean diagonal of G[K, K]
+RIDGE = 0.01
 
 
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
@@ -34,9 +39,8 @@ def prune_block(adapter: ModelAdapter, view: BlockView, plan: LayerPlan) -> None
     """Keep only the planned query heads, K/V heads and FFN channels of one block, in place."""
     if plan.widths == view.widths:
         return
-    q_idx = head_channels(plan.keep_heads, view.head_dim)
+    q_idx, ch_idx = kept_columns(view, plan)
     kv_idx = head_channels(plan.keep_kv_heads, view.head_dim)
-    ch_idx = torch.tensor(plan.keep_channels, dtype=torch.long)
     _keep_rows(view.q, q_idx)
     _keep_rows(view.k, kv_idx)
     _keep_rows(view.v, kv_idx)
@@ -59,6 +63,80 @@ def compensate_bias(view: BlockView, plan: LayerPlan, attn_mean: torch.Tensor, f
             w = linear.weight.detach().double()[:, cols.to(linear.weight.device)]
             shift = w @ mean[cols].to(w.device)
             linear.bias.add_(shift.to(linear.bias.dtype))
+
+
+def kept_columns(view: BlockView, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input columns of o_proj and of down_proj that ``plan`` keeps."""
+    return head_channels(plan.keep_heads, view.head_dim), torch.tensor(plan.keep_channels, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A projection's weight and bias (None: it has none) as they were before the cut."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "Projection":
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(linear.weight.detach(), bias)  # the cut replaces the weight, and leaves this one as it is
+
+
+@torch.no_grad()
+def reconstruct(view: BlockView, plan: LayerPlan, dense: tuple[Projection, Projection], grams: BlockGrams) -> None:
+    """Refit o_proj and down_proj of a block just cut to ``plan`` to their ``dense`` outputs on the
+    calibration inputs (``grams``: of the dense block's inputs to them); see ``refit_projection``."""
+    sums = (grams.attn, grams.ffn)
+    for linear, before, keep, gram in zip((view.o, view.down), dense, kept_columns(view, plan), sums):
+        refit_projection(linear, before, keep, gram)
+
+
+@torch.no_grad()
+def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, gram: torch.Tensor) -> None:
+    """Refit a cut projection's weight (its kept input columns ``keep`` of the dense one) and bias, where it
+    has one, by damped least squares, so that its output matches the ``dense`` projection's on the
+    calibration inputs x, whose Gram ``gram`` = sum x~ x~^T is of x~ = [x, 1] with a bias, else of x.
+
+    With W~ = [W, b0] (the dense weight and bias; llama's added zero biases where there were none) and K
+    the kept columns plus the ones column: [W_K, b] = W~ G[:, K] (G[K, K] + lambda I)^-1, with
+    lambda = RIDGE * mean(diag G[K, K]), in float64. The refit replaces the cut as it stands (plain, or
+    bias-compensated) only where its calibration squared error is not larger, so reconstruction never
+    increases it; the cut also stays where the damped Gram is not positive definite (all kept inputs
+    zero, no bias), and a projection that lost no column is left as it is."""
+    if keep.numel() == dense.weight.shape[1]:
+        return  # nothing cut: the projection is exact
+    device = gram.device
+    ones = linear.bias is not None
+    cols = keep.to(device)
+    if ones:
+        cols = torch.cat([cols, cols.new_tensor([gram.shape[0] - 1])])
+    target = _augmented(dense.weight, dense.bias).to(device)
+    g_kk = gram[cols][:, cols]
+    cross = gram[cols] @ target.T  # G[K, :] W~^T
+    damped = g_kk + RIDGE * g_kk.diagonal().mean() * torch.eye(len(cols), dtype=gram.dtype, device=device)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if info:
+        return
+    refit = torch.cholesky_solve(cross, factor).T
+    cut = _augmented(linear.weight, linear.bias).to(device)
+    if _error_change(refit, g_kk, cross) > _error_change(cut, g_kk, cross):
+        return
+    linear.weight.copy_(refit[:, :keep.numel()])
+    if ones:
+        linear.bias.copy_(refit[:, -1])
+
+
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[W, b] in float64, or W alone where there is no bias."""
+    weight = weight.double()
+    return weight if bias is None else torch.cat([weight, bias.to(weight)[:, None]], dim=1)
+
+
+def _error_change(b: torch.Tensor, g_kk: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The calibration squared error sum ||x~_K B^T - x~ W~^T||^2 of the weights B over the kept inputs, less
+    its term tr(W~ G W~^T), which is the same for every B: tr(B G[K, K] B^T) - 2 tr(B G[K, :] W~^T)."""
+    return ((b @ g_kk) * b).sum() - 2 * (b * cross.T).sum()
 
 
 def describe_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> None:
