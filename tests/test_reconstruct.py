@@ -181,3 +181,49 @@ def test_reconstructed_model_saves_and_reloads(variant, options, tmp_path):
     ids = random_ids(2, 12, seed=5)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def down_proj_batches(model, config: PruneConfig, calib: torch.Tensor) -> list[int]:
+    """How many calibration batches went through each block's FFN while ``model`` was pruned."""
+    adapter = adapter_for(model.config)
+    seen = [0] * len(adapter.layers(model))
+
+    def count(i: int):
+        return lambda _m, _args: seen.__setitem__(i, seen[i] + 1)
+
+    views = [adapter.block(model, i) for i in range(len(seen))]
+    handles = [view.down.register_forward_pre_hook(count(i)) for i, view in enumerate(views)]
+    prune(model, None, config, calib=calib)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("options,passes", [
+    ({"method": "flap"}, 1),  # scoring, then the reconstruction pass
+    ({"method": "magnitude"}, 0),  # scores without data: the reconstruction pass alone
+    ({"method": "wanda-sp", "sequential": True}, 2),  # the forward that scores a block also gives its Grams
+])
+def test_reconstruction_adds_at_most_one_pass(options, passes):
+    calib, batches = random_ids(16, 16), 2  # the default batch size is 8
+    plain = down_proj_batches(tiny_model(layers=3, scale=5.0), PruneConfig(ratio=0.3, **options), calib)
+    assert plain == [passes * batches] * 3
+    config = PruneConfig(ratio=0.3, reconstruct=True, **options)
+    extra = 0 if options.get("sequential") else 1
+    assert down_proj_batches(tiny_model(layers=3, scale=5.0), config, calib) == [(passes + extra) * batches] * 3
+
+
+def test_sequential_reconstruction_refits_each_block_before_the_next_is_scored():
+    """Mistral (no biases, so the same budget): block 0 is cut as without --reconstruct, then refit; the
+    blocks after it are scored on the refit block's outputs."""
+    models, results = [], []
+    for reconstruct in (False, True):
+        model = tiny_model("mistral-gqa", layers=3, scale=5.0)
+        config = PruneConfig(ratio=0.3, method="wanda-sp", sequential=True, reconstruct=reconstruct)
+        results.append(prune(model, None, config, calib=random_ids(8, 16))[1])
+        models.append(model)
+    assert results[0].plans[0] == results[1].plans[0]
+    plain, refit = (m.model.layers[0] for m in models)
+    assert not torch.equal(plain.self_attn.o_proj.weight, refit.self_attn.o_proj.weight)
+    assert not torch.equal(plain.mlp.down_proj.weight, refit.mlp.down_proj.weight)
+    assert results[0].record.scores[1].channels.tolist() != results[1].record.scores[1].channels.tolist()
