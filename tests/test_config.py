@@ -30,7 +30,7 @@ BAD_OPTIONS = [
     ("seed", 0.5, "seed (--seed)"),
     ("keep_dense", "0,-1", "keep_dense (--keep-dense)"),
     ("sequential", "yes", "sequential (--sequential)"),
-    ("reconstruct", None, "reconstruct (--reconstruct)"),
+    ("reconstruct", "yes", "reconstruct (--reconstruct)"),
     ("calibration", "", "calibration (--calibration)"),
 ]
 

@@ -24,5 +24,5 @@ def test_dense_and_pruned_perplexity_go_through_the_hook(tiny_model_dir, calib_t
     assert lines == ["dense:  ptb/test perplexity 41.000 (L=16, 1 windows, 10 tokens scored)",
                      "pruned: ptb/test perplexity 42.000 (L=16, 1 windows, 10 tokens scored)"]
     assert summary["perplexity"]["pruned"]["ppl"] == 42.0 and not summary["offload"]
-    assert {"load", "eval_dense", "scoring", "surgery", "eval_pruned"} <= set(summary["phases"])
+    assert {"load", "eval_dense", "scoring", "reconstruction", "eval_pruned"} <= set(summary["phases"])
     assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text()) == summary

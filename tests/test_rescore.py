@@ -15,9 +15,9 @@ from tiny_models import random_ids, tiny_model
 
 CALIB = random_ids(8, 16, seed=3)
 METHODS = [
-    ("bip", {}),  # llama: bias compensation on, channel-standardised ranking
+    ("bip", {"reconstruct": False}),  # llama: compensation, channel-standardised ranking (refit: tested below)
     ("bip-unit-zscore", {}),
-    ("bip", {"normalize": "log-channels"}),
+    ("bip", {"normalize": "log-channels", "reconstruct": False}),
     ("flap", {}),
     ("llm-pruner", {}),
     ("magnitude", {"allocation": "global"}),
@@ -77,11 +77,12 @@ def test_scores_file_round_trip_is_exact(tmp_path):
 
 
 def test_cli_reprune_matches_full_cli_run(capsys, tiny_model_dir, calib_text_file, tmp_path):
-    assert main(prune_args(tiny_model_dir, tmp_path / "r20", calib_text_file, "--ratio", "0.2")) == 0
-    assert main(prune_args(tiny_model_dir, tmp_path / "r40", calib_text_file, "--ratio", "0.4")) == 0
+    no_refit = ("--no-reconstruct",)  # the refit reads data (tested below)
+    assert main(prune_args(tiny_model_dir, tmp_path / "r20", calib_text_file, "--ratio", "0.2", *no_refit)) == 0
+    assert main(prune_args(tiny_model_dir, tmp_path / "r40", calib_text_file, "--ratio", "0.4", *no_refit)) == 0
     # no calibration options: the record's settings are used, and no data is read
     assert main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "again"), "--eval", "none",
-                 "--scores", str(tmp_path / "r20"), "--ratio", "0.4"]) == 0
+                 "--scores", str(tmp_path / "r20"), "--ratio", "0.4", *no_refit]) == 0
     full, again = tmp_path / "r40", tmp_path / "again"
     assert load_file(str(full / "model.safetensors")).keys() == load_file(str(again / "model.safetensors")).keys()
     assert all(torch.equal(a, b) for a, b in zip(load_file(str(full / "model.safetensors")).values(),

@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum of channel bounds (paper) or the exact ||X_h W_O^h||")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="score each block on already-pruned inputs (default: the method's choice)")
-    p.add_argument("--reconstruct", action="store_true",
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction,
                    help="refit the kept columns of o_proj and down_proj (and their bias, llama) by least squares to "
-                        "the dense outputs on the calibration data; needs the data even with --scores")
+                        "the dense outputs on the calibration data; needs the data even with --scores "
+                        "(default: the method's choice, on for bip)")
     p.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")

@@ -50,7 +50,7 @@ class PruneConfig:
     head_score: HeadScore | None = None
     gqa: Gqa = "groups"
     sequential: bool | None = None
-    reconstruct: bool = False  # not a scoring setting: scores made without it can be cut with it, and back
+    reconstruct: bool | None = None  # not a scoring setting: scores made without it can be cut with it, and back
     calibration: str = "ptb"
     n_samples: int = 64
     seqlen: int = 512

@@ -40,7 +40,7 @@ def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offloa
     dataset = _eval_dataset(eval_dataset, offload, resume)
     config.check()
     check_device(device, dtype)
-    calibration = config.calibration if scores is None or config.reconstruct else None
+    calibration = config.calibration if scores is None or config.resolved().reconstruct else None
     inputs = local_inputs(source, calibration, scores, dataset)
     out = check_output_folder(out, overwrite, inputs)
     if offload:

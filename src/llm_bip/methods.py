@@ -12,15 +12,16 @@ BASE_DEFAULTS = {
     "lipschitz": "spectral",
     "head_score": "channels",
     "sequential": False,
+    "reconstruct": False,
 }
 
 METHODS: dict[str, dict] = {
     # chosen on PTB valid and a non-PTB validation text (docs/tuning.md): centred channel bounds
     # (bias compensation where possible), one ranking across blocks of the bounds standardised per
-    # block and module over channels; the FFN's Lipschitz factor is the same for every channel of a
-    # block, so standardising cancels it: not computed
+    # block and module over channels, then the kept columns refit by least squares; the FFN's
+    # Lipschitz factor is the same for every channel of a block, so standardising cancels it: not computed
     "bip": {"metric": "bip", "head_score": "channels", "compensate": "auto", "allocation": "global",
-            "normalize": "channels", "lipschitz": "none"},
+            "normalize": "channels", "lipschitz": "none", "reconstruct": True},
     # the default until 0.2: exact head change, z-scores over removable units per block and module
     "bip-unit-zscore": {"metric": "bip", "head_score": "exact", "compensate": "auto", "allocation": "global",
                         "normalize": "zscore", "lipschitz": "none"},
