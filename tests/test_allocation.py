@@ -36,7 +36,7 @@ def test_uniform_gives_identical_layers_and_stock_config():
 def test_block_allocation_takes_the_same_share_of_every_block_by_joint_rank():
     model = tiny_model("llama-gqa", layers=4, scale=5.0)
     config = PruneConfig(ratio=0.4, allocation="block", normalize="none", lipschitz="none", head_score="exact",
-                         compensate=False)
+                         compensate=False, reconstruct=False)
     _, result = prune(model, None, config, calib=random_ids())
     before = [block_params(w) for w in result.widths_before]
     after = [block_params(w) for w in result.widths_after]

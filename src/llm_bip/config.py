@@ -51,7 +51,7 @@ class PruneConfig:
     gqa: Gqa = "groups"
     sequential: bool | None = None
     reconstruct: bool | None = None  # not a scoring setting: scores made without it can be cut with it, and back
-    calibration: str = "ptb"
+    calibration: str = "mix"  # data.MIX_SOURCES; the paper's protocol is "ptb"
     n_samples: int = 64
     seqlen: int = 512
     batch_size: int = 8
