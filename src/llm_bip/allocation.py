@@ -173,6 +173,16 @@ def _uniform_block_counts(i: int, u: BlockUnits, block_ratio: float, opts: Alloc
     return n_attn, inter - _nearest_width(u, inter - channels_for(n_attn), opts)
 
 
+# --normalize values that rank by channel-standardised scores: whether they standardise logarithms
+CHANNEL_RANKINGS = {"channels": False, "log-channels": True}
+
+
+def ranking_scores(scores: UnitScores, head_dim: int, normalize: str) -> UnitScores:
+    """The scores a block's units are ordered and ranked by: ``scores`` themselves, or their channel
+    standardisation where ``normalize`` ranks so."""
+    return standardised(scores, head_dim, CHANNEL_RANKINGS[normalize]) if normalize in CHANNEL_RANKINGS else scores
+
+
 def standardised(scores: UnitScores, head_dim: int, log: bool = False) -> UnitScores:
     """FLAP's standardisation: every attention channel's and every FFN channel's value standardised
     over the block's channels of its module; a head scores the mean of its channels' values.
@@ -200,7 +210,7 @@ def ranking_keys(u: BlockUnits, normalize: str) -> tuple[torch.Tensor, torch.Ten
     scores standardised per block and module over removable units (degenerate with few units:
     kept for the earlier ``bip`` default).
     """
-    if normalize in ("channels", "log-channels"):
+    if normalize in CHANNEL_RANKINGS:
         return u.attn_scores / len(u.attn_heads[0]), u.channel_scores
     if normalize == "zscore":
         return _zscore(u.attn_scores), _zscore(u.channel_scores)

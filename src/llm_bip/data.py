@@ -144,7 +144,9 @@ def check_text_source(source: str) -> None:
 
 def check_calibration_source(source: str) -> None:
     """``check_text_source``, where 'self' (text the model writes) and 'mix' are sources too."""
-    for text in MIX_SOURCES if source == MIX else [] if source == SELF else [source]:
+    if source == SELF:
+        return
+    for text in MIX_SOURCES if source == MIX else (source,):
         check_text_source(text)
 
 

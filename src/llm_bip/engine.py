@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Widths, adapter_for
-from .allocation import (AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, select_units,
-                         standardised)
+from .allocation import (AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, ranking_scores,
+                         select_units)
 from .calibration import (BlockGrams, BlockInputs, accumulate_lm_gradients, capture_block_inputs,
                           collect_block_grams, collect_block_stats, forward_block)
 from .config import PruneConfig
@@ -70,8 +70,7 @@ class Stack:
     def block_units(self, i: int, scores: UnitScores, alloc: AllocationOptions, output_norm: float = 1.0) -> BlockUnits:
         """Block ``i``'s removable units in removal order (by standardised scores where ``alloc`` ranks so)."""
         view = self.views[i]
-        if alloc.normalize in ("channels", "log-channels"):
-            scores = standardised(scores, view.head_dim, log=alloc.normalize == "log-channels")
+        scores = ranking_scores(scores, view.head_dim, alloc.normalize)
         return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, output_norm)
 
 

@@ -34,6 +34,13 @@ class UnitScores:
     kv_heads: torch.Tensor | None = None
     attn_channels: torch.Tensor | None = None
 
+    @classmethod
+    def of_channels(cls, attn_channels: torch.Tensor, channels: torch.Tensor, head_dim: int,
+                    kv_channels: torch.Tensor | None = None) -> "UnitScores":
+        """Scores whose heads (and K/V heads) are the sums of their channels' values."""
+        kv_heads = None if kv_channels is None else _per_head(kv_channels, head_dim)
+        return cls(_per_head(attn_channels, head_dim), channels, kv_heads, attn_channels)
+
 
 @dataclass
 class ScoreOptions:
@@ -181,8 +188,7 @@ class MagnitudeMetric(Metric):
         per_channel = _row_sq_norms(view.q.weight) + _column_norms(view.o.weight).pow(2)
         kv = _row_sq_norms(view.k.weight) + _row_sq_norms(view.v.weight)
         ffn = _row_sq_norms(view.gate.weight) + _row_sq_norms(view.up.weight) + _column_norms(view.down.weight).pow(2)
-        return UnitScores(heads=_per_head(per_channel, hd), channels=ffn, kv_heads=_per_head(kv, hd),
-                          attn_channels=per_channel)
+        return UnitScores.of_channels(per_channel, ffn, hd, kv)
 
 
 @register_metric
@@ -196,9 +202,8 @@ class RandomMetric(Metric):
         gen = torch.Generator().manual_seed(self.options.seed * 100_003 + index)
         widths = view.widths
         attn_channels = torch.rand(widths.num_heads * view.head_dim, generator=gen, dtype=torch.float64)
-        return UnitScores(heads=_per_head(attn_channels, view.head_dim),
-                          channels=torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64),
-                          attn_channels=attn_channels)
+        channels = torch.rand(widths.intermediate_size, generator=gen, dtype=torch.float64)
+        return UnitScores.of_channels(attn_channels, channels, view.head_dim)
 
 
 def _abs_column_sums(weight: torch.Tensor) -> torch.Tensor:
@@ -215,8 +220,8 @@ class WandaSpMetric(Metric):
 
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
         attn_channels = _abs_column_sums(view.o.weight) * stats.attn_norms()
-        return UnitScores(heads=_per_head(attn_channels, view.head_dim),
-                          channels=_abs_column_sums(view.down.weight) * stats.ffn_norms(), attn_channels=attn_channels)
+        channels = _abs_column_sums(view.down.weight) * stats.ffn_norms()
+        return UnitScores.of_channels(attn_channels, channels, view.head_dim)
 
 
 def fluctuation(norms_centred: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -235,8 +240,7 @@ class FlapMetric(Metric):
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
         attn_channels = fluctuation(stats.attn_norms(centred=True), view.o.weight, stats.tokens).pow(2)
         channels = fluctuation(stats.ffn_norms(centred=True), view.down.weight, stats.tokens)
-        return UnitScores(heads=_per_head(attn_channels, view.head_dim), channels=channels,
-                          attn_channels=attn_channels)
+        return UnitScores.of_channels(attn_channels, channels, view.head_dim)
 
 
 def _taylor(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -258,5 +262,4 @@ class TaylorMetric(Metric):
         per_channel = _taylor(view.q.weight, 1) + _taylor(view.o.weight, 0)
         kv = _taylor(view.k.weight, 1) + _taylor(view.v.weight, 1)
         ffn = _taylor(view.gate.weight, 1) + _taylor(view.up.weight, 1) + _taylor(view.down.weight, 0)
-        return UnitScores(heads=_per_head(per_channel, hd), channels=ffn, kv_heads=_per_head(kv, hd),
-                          attn_channels=per_channel)
+        return UnitScores.of_channels(per_channel, ffn, hd, kv)
