@@ -7,7 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, load_model, load_pruned, perplexity, prune, save_model
+from llm_bip.checkpoint import DEFAULT_MODEL, embedded_gguf, resolve_source
 from llm_bip.data import calibration_ids
+from llm_bip.evaluation import text_windows
+from llm_bip.gguf_export import copied_fields, hf_tokenizer_fields, tokenizer_fields, write_file
+from llm_bip.llamacpp import gguf_perplexity, open_gguf, window_logits
 
 pytestmark = pytest.mark.integration
 EVAL_TOKENS = 4096
@@ -53,3 +57,28 @@ def test_pruned_smollm2_round_trips(smollm2, tmp_path):
     save_model(per_layer, tokenizer, tmp_path / "global", overwrite=False)
     reloaded = load_pruned(tmp_path / "global")
     assert (reloaded(ids).logits - per_layer(ids).logits).abs().max() < 1e-4
+
+
+def test_llama_cpp_runs_the_default_20_percent_model_as_pytorch_does(smollm2, tmp_path):
+    _, tokenizer, _ = smollm2
+    pruned, result = pruned_copy(smollm2, ratio=0.2)
+    assert len(set(result.widths_after)) > 1  # per-layer widths: the deci layout
+    path = tmp_path / "bip.gguf"
+    write_file(pruned, tokenizer_fields(DEFAULT_MODEL, tokenizer, 49152), path, "f32")
+    windows = text_windows(tokenizer, "ptb", "test", 128, EVAL_TOKENS)
+    with open_gguf(path, context=128) as runner:
+        theirs = window_logits(runner, windows)
+    with torch.no_grad():
+        ours = torch.cat([pruned(batch).logits for batch in windows.split(8)])
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.99
+    served = gguf_perplexity(path, tokenizer, "ptb", "test", 128, EVAL_TOKENS).ppl
+    assert served == pytest.approx(ppl(pruned, tokenizer), rel=0.005)
+
+
+def test_a_vocabulary_built_from_the_hf_tokenizer_equals_the_one_llama_cpp_shipped(smollm2):
+    _, tokenizer, _ = smollm2
+    built = hf_tokenizer_fields(str(resolve_source(DEFAULT_MODEL)), tokenizer)
+    shipped = copied_fields(embedded_gguf())
+    assert set(built) == {key for key in shipped if key.startswith("tokenizer.")} - {"tokenizer.ggml.add_space_prefix"}
+    different = {key for key in built if built[key].value != shipped[key].value}
+    assert different == {"tokenizer.ggml.pre"}  # "default" here, "smollm" in llama.cpp's table

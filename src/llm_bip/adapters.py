@@ -52,6 +52,7 @@ class BlockView:
     gate: nn.Linear
     up: nn.Linear
     down: nn.Linear
+    attn_norm: nn.Module
     mlp_norm: nn.Module
     head_dim: int
 
@@ -100,8 +101,16 @@ class ModelAdapter:
             layer=layer, attention=attn, mlp=mlp,
             q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
             gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
-            mlp_norm=layer.post_attention_layernorm, head_dim=attn.head_dim,
+            attn_norm=layer.input_layernorm, mlp_norm=layer.post_attention_layernorm, head_dim=attn.head_dim,
         )
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last block and the LM head."""
+        return model.model.norm
+
+    def rotary(self, model: nn.Module) -> nn.Module:
+        """The rotary embedding (its ``inv_freq`` and ``attention_scaling``)."""
+        return model.model.rotary_emb
 
     def set_widths(self, view: BlockView, widths: Widths) -> None:
         """Update the attributes the block's forward reads after its weights were resized."""

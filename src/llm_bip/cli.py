@@ -1,4 +1,5 @@
-"""The ``llm-bip`` command: prune and eval. Errors are one line on stderr and a non-zero exit."""
+"""The ``llm-bip`` command: prune, eval, compare, bench-speed, report, finetune, export. Errors are one
+line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .data import check_calibration_source, check_text_source, corpora_help, cor
 from .errors import PruneError
 from .evaluation import perplexity
 from .finetune import FinetuneConfig, finetune
+from .gguf_export import FILE_TYPES, export_gguf
 from .job import run_prune
 from .methods import METHODS
 from .outputs import EVAL_FILE, SCORES_FILE, library_versions
@@ -172,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", type=Path, action="append", default=[], dest="evals", metavar="DIR",
                    help="an eval output folder (or its JSON file) to include; repeatable")
     r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    x = sub.add_parser("export", help="write a model as a GGUF file that llama.cpp (and Ollama) run")
+    x.add_argument("model", metavar="MODEL", help="a prune or finetune output folder, or any model prune reads")
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="file format (GGUF: llama.cpp)")
+    x.add_argument("--out", required=True, type=Path, help="the .gguf file (written atomically)")
+    x.add_argument("--type", default="f16", choices=list(FILE_TYPES),
+                   help="weight type: f32/f16 written directly, the rest by llama.cpp's quantizer")
+    x.add_argument("--allow-f16-rows", action="store_true",
+                   help="quantized types: store matrices whose rows are not a multiple of 32 long as f16 "
+                        "(llama.cpp's fallback) instead of refusing them")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     f = sub.add_parser("finetune", help="recovery fine-tuning: train LoRA adapters, merge them, write the model")
     _add_model_options(f)
@@ -336,6 +349,10 @@ def cmd_report(args) -> None:
     print(f"wrote {out} (report.md, report.html)")
 
 
+def cmd_export(args) -> None:
+    print(export_gguf(args.model, args.out, args.type, args.overwrite, args.allow_f16_rows))
+
+
 def cmd_finetune(args) -> None:
     names = {f.name for f in fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -348,7 +365,7 @@ def one_line(err: BaseException) -> str:
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench-speed": cmd_bench_speed,
-            "report": cmd_report, "finetune": cmd_finetune}
+            "report": cmd_report, "finetune": cmd_finetune, "export": cmd_export}
 
 
 class Terminated(KeyboardInterrupt):

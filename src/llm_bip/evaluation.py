@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,16 +54,31 @@ def eval_windows(tokenizer, ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     return with_bos(ids[: n * text_len].view(n, text_len), tokenizer)
 
 
+def text_windows(tokenizer, dataset: str, split: str, seqlen: int, max_tokens: int | None) -> torch.Tensor:
+    """The evaluation windows of ``dataset``'s ``split`` (a file: the whole file), optionally of its first
+    ``max_tokens`` tokens."""
+    if seqlen < 2:
+        raise PruneError("--seqlen must be at least 2")
+    ids = tokenize(tokenizer, load_text(dataset, split))
+    return eval_windows(tokenizer, ids[:max_tokens] if max_tokens else ids, seqlen)
+
+
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool = True) -> tuple[float, int]:
-    """Summed next-token NLL over all windows, and the number of tokens scored."""
-    device = next(model.parameters()).device
+def torch_logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """A transformers model's logits for a batch of token ids."""
+    return model(batch.to(next(model.parameters()).device), use_cache=False).logits
+
+
+@torch.no_grad()
+def window_nll(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, batch_size: int,
+               progress: bool = True) -> tuple[float, int]:
+    """Summed next-token NLL over all windows (``logits_of``: token ids to logits), and the number of tokens scored."""
     total, count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, leave=False):
-        batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
-        count += batch[:, 1:].numel()
+        logits = logits_of(batch).float()
+        targets = batch[:, 1:].to(logits.device)
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum"))
+        count += targets.numel()
     return total, count
 
 
@@ -72,18 +88,13 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     """exp(mean NLL) over the joined ``split`` text of ``dataset`` (a file: the whole file), optionally its
     first ``max_tokens``. ``cache``: reuse the result of an earlier identical measurement (same weights,
     tokenizer, text, settings and library versions), kept in the llm-bip cache folder."""
-    if seqlen < 2:
-        raise PruneError("--seqlen must be at least 2")
-    ids = tokenize(tokenizer, load_text(dataset, split))
-    if max_tokens:
-        ids = ids[:max_tokens]
-    windows = eval_windows(tokenizer, ids, seqlen)
+    windows = text_windows(tokenizer, dataset, split, seqlen, max_tokens)
     batch_size = batch_size or max(1, 2048 // seqlen)
     label = split if is_corpus(dataset) else None
     entry = cache_dir() / "perplexity" / f"{measurement_key(model, windows, batch_size)}.json" if cache else None
     if entry is not None and entry.is_file():
         return Perplexity(**{**json.loads(entry.read_text()), "dataset": dataset, "split": label, "cached": True})
-    nll, count = window_nll(model, windows, batch_size, progress)
+    nll, count = window_nll(partial(torch_logits, model), windows, batch_size, progress)
     result = Perplexity(dataset, label, seqlen, windows.shape[0], count, math.exp(nll / count))
     if entry is not None:
         write_cache_entry(entry, lambda path: Path(path).write_text(json.dumps(result.as_dict())))

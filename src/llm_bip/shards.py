@@ -64,6 +64,8 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:
         raise PruneError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
 
 
 def save_sharded(model, tokenizer, out: Path, overwrite: bool, block_shards: dict[str, Path],

@@ -1,0 +1,316 @@
+"""GGUF export: a (pruned) model written as llama.cpp runs it.
+
+Blocks of one size are written in llama.cpp's ``llama`` layout; blocks of different sizes in its
+``deci`` layout (Nemotron-NAS), whose head, KV-head and FFN counts are per-layer arrays. Both load
+the optional biases compensation and refits leave on o_proj and down_proj. f32 and f16 files are
+written by the ``gguf`` package; quantized types by llama.cpp's own quantizer from an f32 file.
+The tokenizer is copied from the GGUF the model came from, where there is one, else built from the
+Hugging Face tokenizer (byte-level BPE) with gguf's vocabulary helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from .adapters import BlockView, ModelAdapter, Widths, adapter_for
+from .checkpoint import (DEFAULT_MODEL, check_apart_from_inputs, embedded_gguf, load_model, local_inputs,
+                         resolve_source)
+from .data import needs_bos
+from .errors import PruneError
+from .llamacpp import quantize, require_llama_cpp
+from .outputs import SUMMARY_FILE
+from .shards import write_atomically
+
+# llama.cpp's llama_ftype of each --type
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+WRITTEN = {"f32": np.float32, "f16": np.float16}  # written here; the rest by llama.cpp's quantizer
+QUANT_BLOCK = 32  # the smallest quantization block: a row of another length is stored as f16
+DESCRIPTIVE = ("general.name", "general.organization", "general.basename", "general.finetune",
+                     "general.license", "general.languages")
+ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time, so expressible as rope_freqs
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What ``export_gguf`` wrote."""
+
+    path: Path
+    architecture: str
+    file_type: str
+    bytes: int
+    tensor_types: dict[str, int]  # GGML type name -> number of tensors
+
+    def __str__(self) -> str:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
+        return f"wrote {self.path}: {self.architecture} layout, {self.bytes / 2**20:.1f} MiB, tensors: {types}"
+
+
+def export_gguf(source: str, out: str | Path, file_type: str = "f16", overwrite: bool = False,
+                allow_f16_rows: bool = False) -> Exported:
+    """Write the model ``source`` (anything ``load_model`` reads) to the GGUF file ``out`` atomically.
+    A quantized ``file_type`` refuses rows whose length is not a multiple of the quantization block
+    (llama.cpp would store them as f16) unless ``allow_f16_rows``."""
+    out = check_output_file(out, overwrite, source)
+    if file_type not in FILE_TYPES:
+        raise PruneError(f"unknown --type {file_type!r}; use {', '.join(FILE_TYPES)}")
+    if file_type not in WRITTEN:
+        require_llama_cpp()
+    model, tokenizer = load_model(source)
+    if file_type not in WRITTEN and not allow_f16_rows:
+        check_quantizable(model, file_type)
+    vocabulary = tokenizer_fields(source, tokenizer, model.get_input_embeddings().num_embeddings)
+    write_atomically(out, lambda path: write_file(model, vocabulary, Path(path), file_type))
+    return describe(out)
+
+
+def check_output_file(out: str | Path, overwrite: bool, source: str) -> Path:
+    """Refuse, before any work, an output that exists (without ``overwrite``), is the input, or cannot be written."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise PruneError(f"--out {out}: name the GGUF file with a .gguf suffix")
+    if out.is_dir():
+        raise PruneError(f"--out {out} is a folder; name a .gguf file")
+    check_apart_from_inputs(out, local_inputs(source))
+    if out.exists() and not overwrite:
+        raise PruneError(f"{out} already exists; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PruneError(f"cannot write {out}: {parent} is not a writable folder")
+    return out
+
+
+def write_file(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
+    """Write ``model`` to ``path`` as ``file_type``: directly for f32/f16, else quantized from an f32 file."""
+    if file_type in WRITTEN:
+        write_plain(model, vocabulary, path, file_type)
+        return
+    plain = path.with_name(path.name + ".f32")
+    try:
+        write_plain(model, vocabulary, plain, "f32")
+        quantize(plain, path, FILE_TYPES[file_type])
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def write_plain(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
+    """One GGUF file of hyperparameters, ``vocabulary`` fields and tensors (matrices as ``file_type``,
+    vectors f32, as llama.cpp's converter stores them)."""
+    adapter = adapter_for(model.config)
+    blocks = [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
+    widths = [check_block(i, view) for i, view in enumerate(blocks)]
+    architecture = "llama" if len(set(widths)) == 1 else "deci"
+    writer = gguf.GGUFWriter(str(path), architecture)
+    write_hyperparameters(writer, model, widths, blocks[0].head_dim, FILE_TYPES[file_type])
+    for key, field in vocabulary.items():
+        writer.add_key_value(key, field.value, field.type, field.sub_type)
+    for name, tensor in model_tensors(adapter, model, blocks):
+        array = tensor.detach().float().cpu().numpy()
+        writer.add_tensor(name, array.astype(WRITTEN[file_type]) if array.ndim == 2 else array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def check_block(index: int, view: BlockView) -> Widths:
+    """A block's widths; refused where llama.cpp's graph would compute something else (no heads or no
+    FFN channels left: its deci graph skips such parts, and their biases with them)."""
+    widths = view.widths
+    if widths.num_heads == 0 or widths.intermediate_size == 0:
+        raise PruneError(f"layer {index} has {widths.num_heads} heads and {widths.intermediate_size} FFN channels; "
+                         "llama.cpp cannot run a block with an empty attention or FFN as transformers does")
+    return widths
+
+
+def write_hyperparameters(writer: gguf.GGUFWriter, model, widths: list[Widths], head_dim: int, ftype: int) -> None:
+    """Sizes (per-layer arrays where blocks differ), norms, RoPE, context length and file type."""
+    config = model.config
+    per_layer = len(set(widths)) > 1
+
+    def field(values: list[int]) -> int | list[int]:
+        return values if per_layer else values[0]
+
+    writer.add_block_count(len(widths))
+    writer.add_context_length(context_length(config))
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(field([w.intermediate_size for w in widths]))
+    writer.add_head_count(field([w.num_heads for w in widths]))
+    writer.add_head_count_kv(field([w.num_kv_heads for w in widths]))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_base(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(model.get_input_embeddings().num_embeddings)
+    writer.add_file_type(ftype)
+
+
+def context_length(config) -> int:
+    """The trained context; for a sliding-window model (Mistral) no longer than its window, beyond
+    which llama.cpp's full attention would differ."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return min(config.max_position_embeddings, window or config.max_position_embeddings)
+
+
+def rope_base(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise PruneError(f"RoPE type {rope_type!r} cannot be written to GGUF here; supported: {', '.join(ROPE_TYPES)}")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise PruneError("partial rotary embeddings cannot be written to llama.cpp's llama/deci layouts")
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def rope_factors(adapter: ModelAdapter, model, head_dim: int) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs`` (it divides each default frequency by its factor) for scaled RoPE
+    (linear, llama3), from the frequencies the model actually uses; None for plain RoPE."""
+    rotary = adapter.rotary(model)
+    if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise PruneError("RoPE with attention scaling (e.g. YaRN) cannot be written to GGUF here")
+    base = rope_base(model.config)
+    default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factors = default / rotary.inv_freq.double().cpu()
+    return None if torch.allclose(factors, torch.ones_like(factors)) else factors.float()
+
+
+def model_tensors(adapter: ModelAdapter, model, blocks: list[BlockView]):
+    """(GGUF tensor name, tensor) of the whole model: q/k rows permuted to GGML's RoPE pair order,
+    biases only where they are not zero, the LM head only where it is not tied to the embedding."""
+    names = gguf.TENSOR_NAMES
+    yield names[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", model.get_input_embeddings().weight
+    yield names[gguf.MODEL_TENSOR.OUTPUT_NORM] + ".weight", adapter.final_norm(model).weight
+    if not model.config.tie_word_embeddings:
+        yield names[gguf.MODEL_TENSOR.OUTPUT] + ".weight", model.get_output_embeddings().weight
+    factors = rope_factors(adapter, model, blocks[0].head_dim)
+    if factors is not None:
+        yield names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
+    for i, view in enumerate(blocks):
+        for kind, module in block_modules(view):
+            name = names[kind].format(bid=i)
+            yield name + ".weight", rope_order(module.weight, view, kind)
+            bias = getattr(module, "bias", None)
+            if bias is not None and bool(bias.any()):
+                yield name + ".bias", rope_order(bias, view, kind)
+
+
+def block_modules(view: BlockView):
+    """(GGUF tensor kind, module) of one block."""
+    t = gguf.MODEL_TENSOR
+    return ((t.ATTN_NORM, view.attn_norm), (t.ATTN_Q, view.q), (t.ATTN_K, view.k), (t.ATTN_V, view.v),
+            (t.ATTN_OUT, view.o), (t.FFN_NORM, view.mlp_norm), (t.FFN_GATE, view.gate), (t.FFN_UP, view.up),
+            (t.FFN_DOWN, view.down))
+
+
+def rope_order(tensor: torch.Tensor, view: BlockView, kind: gguf.MODEL_TENSOR) -> torch.Tensor:
+    """Q and K rows (weights or biases) of each head from Hugging Face's half-split RoPE order
+    (x_i pairs with x_{i+d/2}) to GGML's adjacent pairs (x_{2i} with x_{2i+1}); other tensors as they are."""
+    if kind not in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+        return tensor
+    heads = tensor.shape[0] // view.head_dim
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, 2, view.head_dim // 2, *rest).transpose(1, 2).reshape(tensor.shape)
+
+
+def check_quantizable(model, file_type: str) -> None:
+    """Refuse widths a quantized type cannot hold: llama.cpp stores a matrix whose rows are not a multiple
+    of 32 long as f16 (K-quants fall back to a 32-block type for rows not a multiple of 256)."""
+    adapter = adapter_for(model.config)
+    for i in range(len(adapter.layers(model))):
+        for kind, module in block_modules(adapter.block(model, i)):
+            width = module.weight.shape[-1]
+            if module.weight.dim() == 2 and width % QUANT_BLOCK:
+                name = gguf.TENSOR_NAMES[kind].format(bid=i)
+                raise PruneError(f"{name} has rows of {width} values, not a multiple of {QUANT_BLOCK}, so llama.cpp "
+                                 f"would store it as f16, not {file_type}; prune with --round-to {QUANT_BLOCK}, "
+                                 "or pass --allow-f16-rows")
+
+
+def tokenizer_fields(source: str, tokenizer, embeddings: int) -> dict[str, gguf.GGUFValue]:
+    """The GGUF fields of the tokenizer and the model's descriptive metadata: copied from
+    the GGUF file the model came from where there is one, else built from its Hugging Face tokenizer."""
+    origin = origin_gguf(source)
+    fields = copied_fields(origin) if origin is not None else hf_tokenizer_fields(source, tokenizer)
+    listed = len(fields["tokenizer.ggml.tokens"].value)
+    if listed != embeddings:
+        raise PruneError(f"{source}: the tokenizer lists {listed} tokens but the model embeds {embeddings}; "
+                         "llama.cpp needs one token per embedding row")
+    return fields
+
+
+def origin_gguf(source: str, depth: int = 8) -> Path | None:
+    """The GGUF file ``source`` is or was pruned/fine-tuned from (followed through llm-bip summaries), or None."""
+    if source == DEFAULT_MODEL:
+        return embedded_gguf()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    summary_file = path / SUMMARY_FILE
+    if depth == 0 or not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    parent = summary.get("model") or summary.get("finetune", {}).get("model")
+    return None if parent is None else origin_gguf(parent, depth - 1)
+
+
+def copied_fields(origin: Path) -> dict[str, gguf.GGUFValue]:
+    """The tokenizer.* fields and descriptive general.* fields of a GGUF file, with their types."""
+    reader = gguf.GGUFReader(origin)
+    fields = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") or key in DESCRIPTIVE:
+            kind = gguf.GGUFValueType(field.types[0])
+            sub = gguf.GGUFValueType(field.types[1]) if kind == gguf.GGUFValueType.ARRAY else None
+            fields[key] = gguf.GGUFValue(field.contents(), kind, sub)
+    if "tokenizer.ggml.tokens" not in fields:
+        raise PruneError(f"{origin}: the GGUF file holds no tokenizer to copy")
+    return fields
+
+
+def hf_tokenizer_fields(source: str, tokenizer) -> dict[str, gguf.GGUFValue]:
+    """A byte-level BPE Hugging Face tokenizer (GPT-2 style: Llama 3, Qwen2, SmolLM) as GGUF fields: tokens from
+    gguf's BpeVocab, merges, special ids and chat template from its SpecialVocab, token types and BOS use from
+    ``tokenizer``. llama.cpp's pre-tokenizer is named "default": its own converter picks the name from a
+    table of known tokenizers, so text llama.cpp tokenizes itself may split differently in places."""
+    folder = Path(resolve_source(source, prunable=False))
+    try:
+        vocab = gguf.vocab.BpeVocab(folder)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise PruneError(f"{source}: its tokenizer is not a byte-level BPE one, which is all llm-bip builds a "
+                         f"GGUF vocabulary from ({err})") from None
+    texts = [text for text, _, _ in vocab.all_tokens()]
+    recorder = gguf.GGUFWriter(None, "llama")  # no file: collects the fields its helpers add
+    recorder.add_tokenizer_model(vocab.tokenizer_model)
+    recorder.add_tokenizer_pre("default")
+    recorder.add_token_list(texts)
+    recorder.add_token_types(token_types(tokenizer, len(texts)))
+    recorder.add_add_bos_token(needs_bos(tokenizer))
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(texts)).add_to_gguf(recorder, quiet=True)
+    return {key: value for key, value in recorder.kv_data[0].items() if key.startswith("tokenizer.")}
+
+
+def token_types(tokenizer, count: int) -> list[int]:
+    """GGUF token types: added special tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL."""
+    types = [gguf.TokenType.NORMAL] * count
+    for index, token in tokenizer.added_tokens_decoder.items():
+        if index < count:
+            types[index] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
+    return [int(t) for t in types]
+
+
+def describe(path: Path) -> Exported:
+    """Layout, size and tensor types of a GGUF file, read back."""
+    reader = gguf.GGUFReader(path)
+    architecture = reader.fields["general.architecture"].contents()
+    ftype = reader.fields["general.file_type"].contents()
+    file_type = next((name for name, value in FILE_TYPES.items() if value == ftype), str(ftype))
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return Exported(path, architecture, file_type, path.stat().st_size, dict(types))

@@ -1,0 +1,147 @@
+"""GGUF export: llama.cpp runs the written file with the logits of our PyTorch model, at every width."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from llm_bip import PruneConfig, prune, save_model
+from llm_bip.adapters import adapter_for
+from llm_bip.cli import main
+from llm_bip.errors import PruneError
+from llm_bip.gguf_export import describe, write_file
+from llm_bip.llamacpp import open_gguf, window_logits
+from llm_bip.shards import write_atomically
+from tiny_models import VOCAB, build_model, random_ids, save_tiny_model, tiny_model
+
+# llama.cpp without a vocabulary: it runs from token ids, as these tests feed it
+TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}
+
+
+def pruned_tiny(variant: str, allocation: str, compensate: bool, seed: int = 0):
+    model = tiny_model(variant, layers=3, seed=seed, scale=4.0)
+    config = PruneConfig(ratio=0.4, allocation=allocation, compensate=compensate, keep_dense=[])
+    return prune(model, None, config, calib=random_ids(8, 16, seed=seed))[0]
+
+
+def llama_cpp_logits(model, path, file_type: str = "f32", ids: torch.Tensor | None = None) -> tuple:
+    write_file(model, TOKEN_IDS_ONLY, path, file_type)
+    ids = random_ids(3, 24, seed=1) if ids is None else ids
+    with open_gguf(path, context=ids.shape[1], f32_cache=True) as runner:
+        theirs = window_logits(runner, ids)
+    with torch.no_grad():
+        ours = model(ids).logits
+    return ours, theirs
+
+
+def per_layer_fields(path) -> dict[str, list[int]]:
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    keys = {"num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
+            "intermediate_size": "feed_forward_length"}
+    return {name: reader.fields[f"{arch}.{key}"].contents() for name, key in keys.items()}
+
+
+@pytest.mark.parametrize("variant", ["llama-mha", "llama-gqa", "llama-gqa-bias", "mistral-gqa", "qwen2-gqa"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_llama_cpp_gives_the_logits_of_the_pruned_model(variant, allocation, tmp_path):
+    compensate = variant.startswith("llama")
+    model = pruned_tiny(variant, allocation, compensate)
+    path = tmp_path / "model.gguf"
+    ours, theirs = llama_cpp_logits(model, path)
+    assert (ours - theirs).abs().max() < 2e-4 * ours.abs().max()
+    adapter = adapter_for(model.config)
+    widths = [adapter.block(model, i).widths for i in range(3)]
+    assert describe(path).architecture == ("llama" if len(set(widths)) == 1 else "deci")
+    fields = per_layer_fields(path)
+    for name, values in fields.items():
+        expected = [getattr(w, name) for w in widths]
+        assert (values if isinstance(values, list) else [values] * 3) == expected
+
+
+def test_per_layer_model_needs_the_deci_layout_and_keeps_compensation_biases(tmp_path):
+    model = pruned_tiny("llama-gqa", "global", compensate=True)
+    path = tmp_path / "model.gguf"
+    write_file(model, TOKEN_IDS_ONLY, path, "f32")
+    biases = {t.name for t in gguf.GGUFReader(path).tensors if t.name.endswith(".bias")}
+    assert describe(path).architecture == "deci"
+    nonzero = {(int(name.split(".")[2]), name.split(".")[-2]) for name, p in model.named_parameters()
+               if name.endswith("bias") and p.any()}
+    kinds = {"o_proj": "attn_output", "down_proj": "ffn_down"}
+    assert biases == {f"blk.{layer}.{kinds[kind]}.bias" for layer, kind in nonzero}  # zero biases are left out
+    assert {kind for _, kind in nonzero} == set(kinds)
+
+
+def quantizable_model():
+    """A tiny Llama whose every matrix row is a multiple of 32 long, with a tied LM head."""
+    model = build_model("llama", 0, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+def test_f16_and_q8_0_stay_close_and_agree_on_the_next_token(tmp_path):
+    model = quantizable_model()
+    ids = random_ids(2, 32, seed=3)
+    for file_type, tolerance in (("f16", 0.01), ("q8_0", 0.05)):
+        path = tmp_path / f"{file_type}.gguf"
+        ours, theirs = llama_cpp_logits(model, path, file_type, ids)
+        assert describe(path).file_type == file_type
+        assert (ours - theirs).abs().max() < tolerance * ours.abs().max()
+        assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+    assert describe(tmp_path / "q8_0.gguf").tensor_types["Q8_0"] == 2 * 7 + 1
+
+
+def test_a_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
+    def fail(*_):
+        raise PruneError("llama.cpp could not quantize")
+
+    monkeypatch.setattr("llm_bip.gguf_export.quantize", fail)
+    out = tmp_path / "model.gguf"
+    with pytest.raises(PruneError):
+        write_atomically(out, lambda path: write_file(quantizable_model(), TOKEN_IDS_ONLY, Path(path), "q8_0"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_a_quant_block_cannot_hold_are_refused_before_writing(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "tiny")  # hidden 32, FFN 48: down_proj rows of 48 values
+    capsys.readouterr()
+    out = tmp_path / "q.gguf"
+    assert main(["export", str(folder), "--out", str(out), "--type", "q8_0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert err.startswith("llm-bip: error:") and "not a multiple of 32" in err and "--round-to 32" in err
+    assert not out.exists() and not list(tmp_path.glob("q.gguf*"))
+
+
+def test_a_tokenizer_gguf_cannot_express_is_a_clear_error(tmp_path, capsys):
+    folder = save_tiny_model(tmp_path / "tiny")  # a word-level tokenizer
+    capsys.readouterr()
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", str(folder), "--out", str(out), "--type", "f32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llm-bip: error:") and "not a byte-level BPE" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out, message", [("model.bin", "with a .gguf suffix"), ("exists.gguf", "already exists")])
+def test_bad_output_is_refused_before_loading(tmp_path, capsys, out, message):
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / out)]) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+
+
+def test_an_output_inside_the_input_folder_is_refused(tmp_path, capsys):
+    model = pruned_tiny("llama-gqa", "global", compensate=True)
+    folder = save_model(model, None, tmp_path / "pruned", overwrite=False)
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["export", str(folder), "--out", str(folder / "inside.gguf")]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
