@@ -3,10 +3,11 @@
 from .checkpoint import load_model, load_pruned, save_model
 from .errors import PruneError
 from .evaluation import perplexity
+from .gguf_export import export_gguf
 from .outputs import __version__
 from .config import PruneConfig
 from .job import run_prune
 from .pruner import PruneResult, prune
 
-__all__ = ["PruneConfig", "PruneError", "PruneResult", "__version__", "load_model", "load_pruned", "perplexity",
-           "prune", "run_prune", "save_model"]
+__all__ = ["PruneConfig", "PruneError", "PruneResult", "__version__", "export_gguf", "load_model", "load_pruned",
+           "perplexity", "prune", "run_prune", "save_model"]
