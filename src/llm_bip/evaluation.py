@@ -45,6 +45,11 @@ def text_label(dataset: str, split: str | None) -> str:
     return dataset if split is None else f"{dataset}/{split}"
 
 
+def split_label(dataset: str, split: str) -> str | None:
+    """The split a measurement names: a corpus's; None for a file, which is evaluated whole."""
+    return split if is_corpus(dataset) else None
+
+
 def eval_windows(tokenizer, ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     """Non-overlapping windows of ``seqlen`` tokens (BOS first where the model uses it)."""
     text_len = seqlen - int(needs_bos(tokenizer))
@@ -90,7 +95,7 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     tokenizer, text, settings and library versions), kept in the llm-bip cache folder."""
     windows = text_windows(tokenizer, dataset, split, seqlen, max_tokens)
     batch_size = batch_size or max(1, 2048 // seqlen)
-    label = split if is_corpus(dataset) else None
+    label = split_label(dataset, split)
     entry = cache_dir() / "perplexity" / f"{measurement_key(model, windows, batch_size)}.json" if cache else None
     if entry is not None and entry.is_file():
         return Perplexity(**{**json.loads(entry.read_text()), "dataset": dataset, "split": label, "cached": True})

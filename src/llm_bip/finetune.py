@@ -36,7 +36,7 @@ from .data import check_text_source, needs_bos, read_json_records, read_text_fil
 from .errors import PruneError
 from .evaluation import eval_windows, perplexity
 from .profiling import PhaseLog
-from .outputs import SCORES_FILE, SUMMARY_FILE, library_versions
+from .outputs import SCORES_FILE, SUMMARY_FILE, input_summary, library_versions
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -273,12 +273,6 @@ def train(model: PeftModel, tokenizer, data: TrainingData, args: TrainingArgumen
 
 
 # --------------------------------------------------------------------------- the whole run
-
-
-def input_summary(source: str) -> dict:
-    """The summary of an llm-bip output folder given as input, or {}."""
-    path = Path(source) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def finetune(source: str, out: str | Path, config: FinetuneConfig, device: str = "cpu", dtype: str = "float32",

@@ -10,7 +10,6 @@ Hugging Face tokenizer (byte-level BPE) with gguf's vocabulary helpers.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .checkpoint import (DEFAULT_MODEL, check_apart_from_inputs, embedded_gguf, 
 from .data import needs_bos
 from .errors import PruneError
 from .llamacpp import quantize, require_llama_cpp
-from .outputs import SUMMARY_FILE
+from .outputs import input_summary
 from .shards import write_atomically
 
 # llama.cpp's llama_ftype of each --type
@@ -253,10 +252,7 @@ def origin_gguf(source: str, depth: int = 8) -> Path | None:
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
         return path
-    summary_file = path / SUMMARY_FILE
-    if depth == 0 or not summary_file.is_file():
-        return None
-    summary = json.loads(summary_file.read_text())
+    summary = input_summary(path) if depth else {}
     parent = summary.get("model") or summary.get("finetune", {}).get("model")
     return None if parent is None else origin_gguf(parent, depth - 1)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import PruneError
-from .evaluation import Perplexity, text_windows, window_nll
+from .evaluation import Perplexity, split_label, text_windows, window_nll
 
 INSTALL_HINT = "pip install --no-deps llama-cpp-python==0.3.36 (pinned in requirements.lock; builds llama.cpp)"
 
@@ -95,4 +95,4 @@ def gguf_perplexity(path: str | Path, tokenizer, dataset: str = "ptb", split: st
     windows = text_windows(tokenizer, dataset, split, seqlen, max_tokens)
     with open_gguf(path, context=seqlen, threads=threads) as model:
         nll, count = window_nll(lambda batch: window_logits(model, batch), windows, 1, progress=False)
-    return Perplexity(dataset, split, seqlen, windows.shape[0], count, math.exp(nll / count))
+    return Perplexity(dataset, split_label(dataset, split), seqlen, windows.shape[0], count, math.exp(nll / count))

@@ -3,8 +3,10 @@ the libraries that made them. A bottom module: it imports nothing from llm_bip."
 
 from __future__ import annotations
 
+import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 SUMMARY_FILE = "llm_bip_summary.json"  # llm-bip prune and finetune
 SCORES_FILE = "llm_bip_scores.safetensors"  # llm-bip prune (scores.py)
@@ -24,3 +26,9 @@ def library_versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "llm_bip": __version__}
+
+
+def input_summary(source: str | Path) -> dict:
+    """The summary of an llm-bip output folder given as input, or {}."""
+    path = Path(source) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
