@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm_bip import PruneConfig, PruneError, prune
-from llm_bip.adapters import adapter_for
+from llm_bip.adapters import Rows, adapter_for
 from llm_bip.allocation import BlockCosts, block_units, ranking_keys
 from llm_bip.calibration import accumulate_lm_gradients, capture_block_inputs, collect_block_stats
 from llm_bip.metrics import ScoreOptions, UnitScores, make_metric
@@ -18,7 +18,7 @@ from tiny_models import random_ids, tiny_model
 def block_inputs(model, ids):
     """Block 0's view, inputs, stats, and the exact o_proj / down_proj inputs over all tokens."""
     view = adapter_for(model.config).block(model, 0)
-    inputs = capture_block_inputs(model, view.layer, ids, batch_size=2)
+    inputs = capture_block_inputs(model, adapter_for(model.config).layers(model), ids, batch_size=2)
     seen = {"o": [], "down": []}
     hooks = [view.o.register_forward_pre_hook(lambda _m, a: seen["o"].append(a[0].flatten(0, 1))),
              view.down.register_forward_pre_hook(lambda _m, a: seen["down"].append(a[0].flatten(0, 1)))]
@@ -70,11 +70,11 @@ def test_llm_pruner_gradients_match_autograd():
     weights = [m.weight for m in view.linears()]
     accumulate_lm_gradients(model, weights, ids, batch_size=2)  # two equal batches
     ref = adapter_for(reference.config).block(reference, 1)
-    assert torch.allclose(view.gate.weight.grad, ref.gate.weight.grad, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(view.gate.grad, ref.gate.grad, rtol=1e-6, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())
     assert model.model.embed_tokens.weight.grad is None  # only block weights were traced
     s = make_metric("llm-pruner", ScoreOptions()).score(view, None, 1)
-    wg = lambda m: (m.weight * m.weight.grad).abs().detach()  # noqa: E731
+    wg = lambda m: (m.weight * (m.grad if isinstance(m, Rows) else m.weight.grad)).abs().detach()  # noqa: E731
     j = 7
     expected = wg(ref.gate)[j].sum() + wg(ref.up)[j].sum() + wg(ref.down)[:, j].sum()
     assert float(s.channels[j]) == pytest.approx(float(expected), rel=1e-6)
@@ -97,7 +97,7 @@ def test_compensation_keeps_mean_block_output():
         assert result.widths_after[0].num_heads == 6 and result.widths_after[0].intermediate_size < 64
         layer = adapter_for(model.config).block(model, 0).layer
         with torch.no_grad():
-            means[compensate] = torch.cat([layer(h, **kw) for h, kw in inputs]).flatten(0, 1).mean(0)
+            means[compensate] = torch.cat([layer(h, **kw[0]) for h, kw in inputs]).flatten(0, 1).mean(0)
     target = torch.cat([o for o, _ in dense_out]).flatten(0, 1).mean(0)
     assert torch.allclose(means[True], target, atol=1e-10)
     assert not torch.allclose(means[False], target, atol=1e-4)

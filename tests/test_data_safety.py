@@ -216,12 +216,12 @@ def test_gguf_architecture_is_read_from_the_header(tmp_path, architecture):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["prune", "MODEL", "--out", "OUT", *FAST], ["unsupported architecture 'gemma2' for pruning", "llama"]),
-    (["eval", "MODEL", "--ppl", "ptb"], []),  # evaluation takes gemma2: it fails later, in the conversion
+    (["prune", "MODEL", "--out", "OUT", *FAST], ["unsupported architecture 'stablelm' for pruning", "llama"]),
+    (["eval", "MODEL", "--ppl", "ptb"], []),  # evaluation takes stablelm: it fails later, in the conversion
 ])
 def test_gguf_architecture_without_an_adapter(capsys, monkeypatch, tmp_path, argv, words):
     monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path / "cache"))
-    model = write_gguf(tmp_path / "m.gguf", "gemma2")
+    model = write_gguf(tmp_path / "m.gguf", "stablelm")
     argv = [str(model) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     assert main(argv) == 2
     message = error_message(capsys.readouterr().err)

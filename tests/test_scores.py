@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llm_bip.adapters import adapter_for
-from llm_bip.calibration import capture_block_inputs, collect_block_stats
+from llm_bip.calibration import capture_block_inputs, collect_block_stats, forward_block
 from llm_bip.metrics import ScoreOptions, make_metric
 from llm_bip.surgery import head_channels
 from tiny_models import random_ids, tiny_model
@@ -14,15 +14,10 @@ def block_setup(variant, seed, scale, layer=1):
     model = tiny_model(variant, layers=2, seed=seed, scale=scale).double()
     adapter = adapter_for(model.config)
     view = adapter.block(model, layer)
-    inputs = capture_block_inputs(model, adapter.block(model, 0).layer, random_ids(4, 24, seed), batch_size=2)
-    inputs = _through(adapter.block(model, 0).layer, inputs)
+    inputs = capture_block_inputs(model, adapter.layers(model), random_ids(4, 24, seed), batch_size=2)
+    inputs = forward_block(adapter.block(model, 0), inputs)
     stats, outputs = collect_block_stats(view, inputs)
     return view, inputs, stats, torch.cat([o for o, _ in outputs])
-
-
-def _through(layer, inputs):
-    with torch.no_grad():
-        return [(layer(h, **kw), kw) for h, kw in inputs]
 
 
 def output_change(view, inputs, dense_y, weight, cols):
@@ -31,7 +26,7 @@ def output_change(view, inputs, dense_y, weight, cols):
     weight.data[:, cols] = 0
     try:
         with torch.no_grad():
-            y = torch.cat([view.layer(h, **kw) for h, kw in inputs])
+            y = torch.cat([view.layer(h, **kw[view.index]) for h, kw in inputs])
     finally:
         weight.data.copy_(saved)
     return float((y - dense_y).norm())
@@ -89,7 +84,7 @@ def _o_proj_input(view, hidden, kwargs):
     handle = view.o.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     try:
         with torch.no_grad():
-            view.layer(hidden, **kwargs)
+            view.layer(hidden, **kwargs[view.index])
     finally:
         handle.remove()
     return seen[0]

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised LLaMA-family models and a word-level tokenizer, for every test: built
+"""Tiny randomly initialised decoder models of every supported family and a word-level tokenizer, for every test: built
 in-process (``tiny_model``, ``build_model``) or saved as a model folder (``save_tiny_model``)."""
 
 from __future__ import annotations
@@ -7,15 +7,27 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+import transformers as hf
 
 VOCAB = 96  # of in-process models; random_ids draws from it
 
+# model_type -> (config class, model class)
 ARCHITECTURES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (hf.LlamaConfig, hf.LlamaForCausalLM),
+    "mistral": (hf.MistralConfig, hf.MistralForCausalLM),
+    "qwen2": (hf.Qwen2Config, hf.Qwen2ForCausalLM),
+    "qwen3": (hf.Qwen3Config, hf.Qwen3ForCausalLM),
+    "smollm3": (hf.SmolLM3Config, hf.SmolLM3ForCausalLM),
+    "gemma2": (hf.Gemma2Config, hf.Gemma2ForCausalLM),
+    "gemma3_text": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM),
+    "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM),
+    "olmo2": (hf.Olmo2Config, hf.Olmo2ForCausalLM),
 }
+# config fields some families need with a tiny vocabulary (their default token ids lie past it)
+TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+NEEDS_TOKEN_IDS = ("qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2")
+# sliding-window layers next to global ones, a window shorter than the test sequences
+MIXED_LAYERS = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 # name -> (architecture, config overrides)
 VARIANTS = {
@@ -25,6 +37,20 @@ VARIANTS = {
     "llama-mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1)),
     "mistral-gqa": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2)),
     "qwen2-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3-gqa": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3-wide": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128, hidden_size=64,
+                                 intermediate_size=384)),
+    "smollm3-gqa-bias": ("smollm3", dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True,
+                                         mlp_bias=True, no_rope_layer_interval=2)),
+    "gemma2-mqa": ("gemma2", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=128,
+                                  intermediate_size=512, query_pre_attn_scalar=256, **MIXED_LAYERS)),
+    "gemma2-gqa": ("gemma2", dict(num_attention_heads=6, num_key_value_heads=2, **MIXED_LAYERS)),
+    "gemma3-mqa": ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=128,
+                                       intermediate_size=512, query_pre_attn_scalar=256, **MIXED_LAYERS)),
+    "gemma3-gqa": ("gemma3_text", dict(num_attention_heads=6, num_key_value_heads=3, **MIXED_LAYERS)),
+    "phi3-gqa": ("phi3", dict(num_attention_heads=6, num_key_value_heads=2)),
+    "phi3-mha": ("phi3", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "olmo2-gqa": ("olmo2", dict(num_attention_heads=4, num_key_value_heads=2)),
 }
 
 # Words of the tiny tokenizer; with the special tokens they must fit a saved model's vocabulary.
@@ -39,22 +65,27 @@ assert len(SPECIAL) + len(WORDS) <= SAVED_VOCAB
 
 
 def build_model(architecture: str, seed: int = 0, **config):
-    """A random ``architecture`` model ('llama', 'mistral' or 'qwen2') with exactly these config fields
-    (the rest at transformers' defaults), in eval mode."""
+    """A random model of family ``architecture`` (an ``ARCHITECTURES`` key) with these config fields (the
+    rest at transformers' defaults; token ids inside a tiny vocabulary where the defaults lie past it),
+    in eval mode."""
     config_cls, model_cls = ARCHITECTURES[architecture]
+    if architecture in NEEDS_TOKEN_IDS:
+        config = {**TOKEN_IDS, **config}
     config = config_cls(**config)
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
 
 def tiny_model(variant: str = "llama-gqa", layers: int = 3, seed: int = 0, scale: float = 1.0):
-    """A random model with hidden 48, head_dim 8, FFN 64. ``scale`` multiplies all weights
-    (the default init std 0.02 gives near-zero activations; 1/sqrt(fan_in)-like scales are more
-    realistic for score tests)."""
+    """A random model with hidden 48, head_dim 8, FFN 64 unless the variant says otherwise. ``scale``
+    multiplies all weights (the default init std 0.02 gives near-zero activations; 1/sqrt(fan_in)-like
+    scales are more realistic for score tests)."""
     architecture, overrides = VARIANTS[variant]
-    model = build_model(architecture, seed, vocab_size=VOCAB, hidden_size=48, intermediate_size=64,
-                        num_hidden_layers=layers, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
-                        **overrides)
+    sizes = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=layers, head_dim=8,
+                 max_position_embeddings=128, tie_word_embeddings=False)
+    if "layer_types" in overrides:
+        overrides = {**overrides, "layer_types": (overrides["layer_types"] * layers)[:layers]}
+    model = build_model(architecture, seed, **{**sizes, **overrides})
     if scale != 1.0:
         with torch.no_grad():
             for name, p in model.named_parameters():

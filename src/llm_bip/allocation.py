@@ -101,20 +101,23 @@ class LayerPlan:
 
 
 def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
-                output_norm: float = 1.0) -> BlockUnits:
-    """Group head scores into removable attention units and order everything by score."""
+                output_norm: float = 1.0, heads_removable: bool = True) -> BlockUnits:
+    """Group head scores into removable attention units and order everything by score. Where heads are not
+    removable, all of them form one unit, which every block keeps."""
     heads = scores.heads.double()
     kv = scores.kv_heads.double() if scores.kv_heads is not None else torch.zeros(widths.num_kv_heads)
     n_rep = widths.group_size
     groups = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
-    if widths.num_kv_heads > 1 and (gqa == "groups" or n_rep == 1):
+    if gqa not in ("heads", "groups"):
+        raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
+    if not heads_removable:
+        members, kv_members = [list(range(widths.num_heads))], [list(range(widths.num_kv_heads))]
+    elif widths.num_kv_heads > 1 and (gqa == "groups" or n_rep == 1):
         members, kv_members = groups, [[g] for g in range(widths.num_kv_heads)]
-    elif gqa in ("heads", "groups"):  # a single KV head: only query heads can go
+    else:  # a single KV head, or per-group head slots: only query heads go
         by_score = [sorted(g, key=lambda h: float(heads[h])) for g in groups]
         members = [[order[s] for order in by_score] for s in range(n_rep)]
         kv_members = [[] for _ in range(n_rep)]
-    else:
-        raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
     unit_scores = torch.stack([heads[m].sum() + kv[k].sum() for m, k in zip(members, kv_members)])
     order = torch.argsort(unit_scores, stable=True).tolist()
     channel_order = torch.argsort(scores.channels.double(), stable=True).tolist()

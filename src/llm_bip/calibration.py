@@ -16,37 +16,57 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters import BlockView
+from .adapters import BlockView, Norm
 from .errors import PruneError
 
-BlockInputs = list[tuple[torch.Tensor, dict]]
+# Per calibration batch: the hidden states entering a block, and every block's keyword arguments for
+# that batch (by block index: sliding-window and global layers get different masks and rotary tables).
+BlockInputs = list[tuple[torch.Tensor, list[dict]]]
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are in hand."""
+    """Raised once the last block's keyword arguments are in hand."""
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run embeddings (and whatever precedes block 0) once; return block 0's (hidden, kwargs) per batch."""
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the model once per batch with every block passing its input through unchanged: block 0's
+    hidden states, and the keyword arguments each block is called with; it stops after the last block."""
     captured: BlockInputs = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, dict(kwargs)))
-        raise _StopForward
-
     device = next(model.parameters()).device
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    with _passing_through(layers) as calls:
         for batch in ids.split(batch_size):
+            calls.clear()
             try:
                 model(batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
+            captured.append((calls[0][0], [kwargs for _, kwargs in calls]))
     return captured
+
+
+@contextmanager
+def _passing_through(layers: nn.ModuleList):
+    """Meanwhile every layer returns its input and records (input, keyword arguments) in the yielded list;
+    the last one raises _StopForward."""
+    calls: list[tuple[torch.Tensor, dict]] = []
+
+    def recorder(last: bool):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            calls.append((hidden, dict(kwargs)))
+            if last:
+                raise _StopForward
+            return hidden
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i == len(layers) - 1)
+    try:
+        yield calls
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def block_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -55,9 +75,21 @@ def block_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.
 
 
 @torch.no_grad()
-def forward_block(layer: nn.Module, inputs: BlockInputs) -> BlockInputs:
+def forward_block(view: BlockView, inputs: BlockInputs) -> BlockInputs:
     """The block's outputs, ready to be the next block's inputs."""
-    return [(block_output(layer, h, kw), kw) for h, kw in inputs]
+    return [(block_output(view.layer, h, kw[view.index]), kw) for h, kw in inputs]
+
+
+def output_norm_scales(norm: Norm, out: torch.Tensor) -> torch.Tensor:
+    """Per token t, 2 max|g| / sqrt(mean(a_t^2) + eps) for a branch output a that passes the RMSNorm
+    ``norm`` (gain g) before the residual add: ||N(a) - N(a')|| <= that * ||a - a'|| for every a'.
+
+    (N(x) = g * sqrt(d) x / rho(x), rho(x) = sqrt(||x||^2 + d eps), and rho is 1-Lipschitz, so
+    ||x / rho(x) - y / rho(y)|| <= ||x - y|| / rho(x) + ||y|| |rho(x) - rho(y)| / (rho(x) rho(y))
+    <= 2 ||x - y|| / rho(x).)"""
+    a = out.detach().double().reshape(-1, out.shape[-1])
+    gain = float(norm.gain().abs().max())
+    return (2 * gain / (a.pow(2).mean(-1) + norm.eps).sqrt()).cpu()
 
 
 @dataclass
@@ -65,9 +97,11 @@ class BlockStats:
     """Calibration statistics of one block (sums over all calibration tokens).
 
     attn_*: input channels of o_proj (the heads' outputs X_H); ffn_*: input channels of
-    down_proj (a_j = silu(gate) * up). head_token_norms[t, h] = ||X_H^h[t] W_O^h^T||, the
-    head's contribution to the residual at token t; residual_norms[t] = ||h_t||, the
-    post-attention residual that feeds the FFN's norm.
+    down_proj (a_j = act(gate) * up). head_token_norms[t, h] bounds the change of the residual at
+    token t when head h goes: ||X_H^h[t] W_O^h^T||, times the attention output norm's scale s_t where
+    the family has one (``output_norm_scales``); residual_norms[t] = ||h_t||, the post-attention
+    residual that feeds the FFN. Where a branch's output passes a norm, *_scaled_sumsq hold the sums of
+    (s_t x_t)^2 per channel, and ffn_out_scales the FFN output norm's s_t per token.
     """
 
     tokens: int = 0
@@ -75,9 +109,12 @@ class BlockStats:
     attn_sumsq: torch.Tensor | None = None
     ffn_sum: torch.Tensor | None = None
     ffn_sumsq: torch.Tensor | None = None
+    attn_scaled_sumsq: torch.Tensor | None = None
+    ffn_scaled_sumsq: torch.Tensor | None = None
     output_sumsq: float = 0.0
     head_token_norms: list[torch.Tensor] = field(default_factory=list)
     residual_norms: list[torch.Tensor] = field(default_factory=list)
+    ffn_out_scales: list[torch.Tensor] = field(default_factory=list)
 
     def attn_norms(self, centred: bool = False) -> torch.Tensor:
         """||X_H[:, c]|| over tokens (centred: ||X_H[:, c] - mean||)."""
@@ -86,6 +123,16 @@ class BlockStats:
     def ffn_norms(self, centred: bool = False) -> torch.Tensor:
         """||a_j|| over tokens (centred: ||a_j - mean||)."""
         return _column_norms(self.ffn_sum, self.ffn_sumsq, self.tokens, centred)
+
+    def attn_change_norms(self, centred: bool = False) -> torch.Tensor:
+        """Per o_proj input channel c, ||s X_H[:, c]||: times ||W_O[:, c]||, it bounds the change of the
+        residual when c is zeroed (s = 1, exact, without an attention output norm)."""
+        return _scaled(self.attn_norms, self.attn_scaled_sumsq, centred)
+
+    def ffn_change_norms(self, centred: bool = False) -> torch.Tensor:
+        """Per down_proj input channel j, ||s a_j||: times ||W_D[:, j]||, it bounds the change of the block
+        output when j is zeroed (s = 1, exact, without an FFN output norm)."""
+        return _scaled(self.ffn_norms, self.ffn_scaled_sumsq, centred)
 
     def attn_mean(self) -> torch.Tensor:
         return self.attn_sum / self.tokens
@@ -99,10 +146,23 @@ class BlockStats:
     def per_token_residual_norms(self) -> torch.Tensor:
         return torch.cat(self.residual_norms)
 
+    def per_token_ffn_out_scales(self) -> torch.Tensor:
+        return torch.cat(self.ffn_out_scales)
+
     @property
     def output_norm(self) -> float:
         """||y||_F of the block output over all calibration tokens."""
         return self.output_sumsq ** 0.5
+
+
+def _scaled(plain: Callable[[bool], torch.Tensor], scaled_sumsq: torch.Tensor | None, centred: bool) -> torch.Tensor:
+    """The plain channel norms where no output norm scales them, else the scaled ones (which are never
+    centred: only families that hold output biases compensate, and none of them has an output norm)."""
+    if scaled_sumsq is None:
+        return plain(centred)
+    if centred:
+        raise ValueError("centred scores need bias compensation, which blocks with output norms cannot hold")
+    return scaled_sumsq.sqrt()
 
 
 def _column_norms(total, sumsq, n, centred) -> torch.Tensor:
@@ -134,9 +194,10 @@ class BlockGrams:
 
 
 @contextmanager
-def _pre_hooks(hooks: list[tuple[nn.Module, Callable]]):
-    """Forward pre-hooks on modules meanwhile: (module, hook(module, args)) pairs."""
-    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+def _hooks(pre: list[tuple[nn.Module, Callable]], post: list[tuple[nn.Module, Callable]] = ()):
+    """Forward pre-hooks hook(module, args) and forward hooks hook(module, args, output) meanwhile."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in pre]
+    handles += [module.register_forward_hook(hook) for module, hook in post]
     try:
         yield
     finally:
@@ -147,26 +208,41 @@ def _pre_hooks(hooks: list[tuple[nn.Module, Callable]]):
 def _stats_hooks(view: BlockView, stats: BlockStats):
     gram = _head_gram(view)
 
-    def on_attn(_m, args):
+    def on_attn(_m, args, out):
         x = args[0].detach().float()
         flat = x.reshape(-1, x.shape[-1])
         stats.attn_sum = _accumulate(stats.attn_sum, flat.sum(0))
         stats.attn_sumsq = _accumulate(stats.attn_sumsq, flat.pow(2).sum(0))
         heads = flat.view(flat.shape[0], -1, view.head_dim)
         sq = torch.einsum("thi,hij,thj->th", heads, gram.to(heads.device), heads)
-        stats.head_token_norms.append(sq.clamp_min(0).sqrt().cpu())
+        norms = sq.clamp_min(0).sqrt().cpu()
+        if view.attn_out_norm is not None:
+            scales = output_norm_scales(view.attn_out_norm, out)
+            stats.attn_scaled_sumsq = _accumulate(stats.attn_scaled_sumsq, _scaled_sumsq(flat, scales))
+            norms = norms * scales[:, None]
+        stats.head_token_norms.append(norms)
 
     def on_residual(_m, args):
         h = args[0].detach().float()
         stats.residual_norms.append(h.reshape(-1, h.shape[-1]).norm(dim=-1).cpu())
 
-    def on_ffn(_m, args):
+    def on_ffn(_m, args, out):
         a = args[0].detach().float().reshape(-1, args[0].shape[-1])
         stats.tokens += a.shape[0]
         stats.ffn_sum = _accumulate(stats.ffn_sum, a.sum(0))
         stats.ffn_sumsq = _accumulate(stats.ffn_sumsq, a.pow(2).sum(0))
+        if view.ffn_out_norm is not None:
+            scales = output_norm_scales(view.ffn_out_norm, out)
+            stats.ffn_scaled_sumsq = _accumulate(stats.ffn_scaled_sumsq, _scaled_sumsq(a, scales))
+            stats.ffn_out_scales.append(scales)
 
-    return _pre_hooks([(view.o, on_attn), (view.mlp_norm, on_residual), (view.down, on_ffn)])
+    ffn_input = view.mlp_norm.module if view.mlp_norm is not None else view.mlp
+    return _hooks(pre=[(ffn_input, on_residual)], post=[(view.o, on_attn), (view.down, on_ffn)])
+
+
+def _scaled_sumsq(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """sum_t (s_t x_t)^2 per channel, in float64."""
+    return (x.double().cpu() * scales[:, None]).pow(2).sum(0)
 
 
 def _gram_hooks(view: BlockView, grams: BlockGrams | None):
@@ -190,7 +266,7 @@ def _gram_hooks(view: BlockView, grams: BlockGrams | None):
                 total.add_(batch)
         return hook
 
-    return _pre_hooks([] if grams is None else [(view.o, on("attn")), (view.down, on("ffn"))])
+    return _hooks(pre=[] if grams is None else [(view.o, on("attn")), (view.down, on("ffn"))])
 
 
 @torch.no_grad()
@@ -200,7 +276,7 @@ def collect_block_stats(view: BlockView, inputs: BlockInputs,
     (and, given ``grams``, its projections' input Grams added into them)."""
     stats = BlockStats()
     with _stats_hooks(view, stats), _gram_hooks(view, grams):
-        outputs = forward_block(view.layer, inputs)
+        outputs = forward_block(view, inputs)
     stats.output_sumsq = sum(float(out.float().pow(2).sum()) for out, _ in outputs)
     _check_finite(view, stats.attn_sumsq, stats.ffn_sumsq)
     return stats, outputs
@@ -211,7 +287,7 @@ def collect_block_grams(view: BlockView, inputs: BlockInputs) -> tuple[BlockGram
     """One forward pass of the block over the calibration inputs: its projections' input Grams and its outputs."""
     grams = BlockGrams()
     with _gram_hooks(view, grams):
-        outputs = forward_block(view.layer, inputs)
+        outputs = forward_block(view, inputs)
     _check_finite(view, grams.attn, grams.ffn)
     return grams, outputs
 

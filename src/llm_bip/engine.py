@@ -71,7 +71,7 @@ class Stack:
         """Block ``i``'s removable units in removal order (by standardised scores where ``alloc`` ranks so)."""
         view = self.views[i]
         scores = ranking_scores(scores, view.head_dim, alloc.normalize)
-        return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, output_norm)
+        return block_units(view.widths, BlockCosts.of(view), scores, alloc.gqa, output_norm, view.heads_removable)
 
 
 def size_counts(stack: Stack, alloc: AllocationOptions) -> dict[int, tuple[int, int]]:
@@ -137,7 +137,7 @@ def cut_and_refit(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, c
                     grams, outputs = collect_block_grams(view, inputs)
                     _cut(stack, i, plans[i], means, grams)
                 else:
-                    outputs = forward_block(view.layer, inputs)
+                    outputs = forward_block(view, inputs)
             if progress is not None:
                 progress.save(STAGE_REFIT, Progress(i + 1, outputs, record))
             inputs = outputs
@@ -184,7 +184,7 @@ def _calibration_inputs(stack: Stack, config: PruneConfig, metric: Metric, calib
 
 def _block_inputs(stack: Stack, calib: torch.Tensor, batch_size: int) -> BlockInputs:
     with stack.blocks.embedding_resident():
-        return capture_block_inputs(stack.model, stack.views[0].layer, calib, batch_size)
+        return capture_block_inputs(stack.model, stack.adapter.layers(stack.model), calib, batch_size)
 
 
 def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs | None,
@@ -220,7 +220,7 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
                 if cutting:
                     plans[i] = select_units(stack.block_units(i, record.scores[i], alloc), *counts[i])
                     _cut(stack, i, plans[i], means, grams)
-                    outputs = forward_block(view.layer, inputs)
+                    outputs = forward_block(view, inputs)
         if progress is not None:
             progress.save(stage, Progress(i + 1, outputs, record))
         inputs = outputs
@@ -268,5 +268,6 @@ def _cut(stack: Stack, i: int, plan: LayerPlan, means: dict[int, tuple[torch.Ten
     if means is not None:
         compensate_bias(view, plan, *means[i])
     prune_block(stack.adapter, view, plan)
+    stack.views[i] = stack.adapter.block(stack.model, i)  # a fused projection's rows moved
     if grams is not None:
-        reconstruct(view, plan, dense, grams)
+        reconstruct(stack.views[i], plan, dense, grams)

@@ -35,6 +35,14 @@ QUANT_BLOCK = 32  # the smallest quantization block: a row of another length is 
 DESCRIPTIVE = ("general.name", "general.organization", "general.basename", "general.finetune",
                      "general.license", "general.languages")
 ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time, so expressible as rope_freqs
+# the families whose blocks llama.cpp's llama and deci layouts compute; what the others add
+LLAMA_SHAPED = ("llama", "mistral", "qwen2")
+BEYOND_LLAMA = {
+    "qwen3": "per-head q/k norms", "gemma2": "sandwich norms, (1 + weight) gains and logit soft-capping",
+    "gemma3_text": "sandwich norms, (1 + weight) gains and per-head q/k norms",
+    "phi3": "fused qkv and gate_up projections", "olmo2": "norms after each branch and q/k norms over all heads",
+    "smollm3": "layers without RoPE",
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ def export_gguf(source: str, out: str | Path, file_type: str = "f16", overwrite:
     if file_type not in WRITTEN:
         require_llama_cpp()
     model, tokenizer = load_model(source)
+    check_family(model.config)
     if file_type not in WRITTEN and not allow_f16_rows:
         check_quantizable(model, file_type)
     vocabulary = tokenizer_fields(source, tokenizer, model.get_input_embeddings().num_embeddings)
@@ -84,6 +93,14 @@ def check_output_file(out: str | Path, overwrite: bool, source: str) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise PruneError(f"cannot write {out}: {parent} is not a writable folder")
     return out
+
+
+def check_family(config) -> None:
+    """Refuse a family whose blocks llama.cpp's llama and deci layouts would compute otherwise."""
+    if config.model_type not in LLAMA_SHAPED:
+        raise PruneError(f"GGUF export writes llama.cpp's llama and deci layouts, which hold {', '.join(LLAMA_SHAPED)} "
+                         f"blocks; {config.model_type} blocks add {BEYOND_LLAMA[config.model_type]}, which need "
+                         "llama.cpp's own layout for the family (not written by llm-bip yet)")
 
 
 def write_file(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
@@ -204,8 +221,8 @@ def model_tensors(adapter: ModelAdapter, model, blocks: list[BlockView]):
 def block_modules(view: BlockView):
     """(GGUF tensor kind, module) of one block."""
     t = gguf.MODEL_TENSOR
-    return ((t.ATTN_NORM, view.attn_norm), (t.ATTN_Q, view.q), (t.ATTN_K, view.k), (t.ATTN_V, view.v),
-            (t.ATTN_OUT, view.o), (t.FFN_NORM, view.mlp_norm), (t.FFN_GATE, view.gate), (t.FFN_UP, view.up),
+    return ((t.ATTN_NORM, view.attn_norm.module), (t.ATTN_Q, view.q), (t.ATTN_K, view.k), (t.ATTN_V, view.v),
+            (t.ATTN_OUT, view.o), (t.FFN_NORM, view.mlp_norm.module), (t.FFN_GATE, view.gate), (t.FFN_UP, view.up),
             (t.FFN_DOWN, view.down))
 
 

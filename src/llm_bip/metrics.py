@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .adapters import BlockView
+from .adapters import BlockView, Rows
 from .calibration import BlockStats
 from .errors import PruneError
 
-# Upper bound of |act'(u)| for SiLU (1.0998) and GELU (1.1289); both also satisfy |act(u)| <= |u|.
+# Upper bound of |act'(u)| for SiLU (1.0998), GELU (1.1289) and GELU-tanh (1.1290); all satisfy |act(u)| <= |u|.
 ACTIVATION_SLOPE_BOUND = 1.13
 
 
@@ -66,6 +67,9 @@ class Metric:
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         raise NotImplementedError
 
+    def check(self, view: BlockView) -> None:
+        """A PruneError, before any data is read, where this metric cannot score the block."""
+
 
 METRICS: dict[str, type[Metric]] = {}
 
@@ -110,7 +114,7 @@ def ffn_lipschitz_on_ball(view: BlockView) -> float:
     W_D [diag(act'(W_G z) * W_U z) W_G + diag(act(W_G z)) W_U], bounded with |act'| <= c,
     |act(u)| <= |u| and |(W z)_i| <= ||W_i|| ||z||.
     """
-    gain = float(view.mlp_norm.weight.detach().abs().max())
+    gain = float(view.mlp_norm.gain().abs().max())
     radius = gain * view.hidden_size ** 0.5
     wg, wu = view.gate.weight.detach().float(), view.up.weight.detach().float()
     row_g, row_u = float(wg.norm(dim=1).max()), float(wu.norm(dim=1).max())
@@ -118,17 +122,26 @@ def ffn_lipschitz_on_ball(view: BlockView) -> float:
     return spectral_norm(view.down.weight) * radius * inner
 
 
-def certified_head_bounds(view: BlockView, stats: BlockStats, eps: float) -> torch.Tensor:
+def certified_head_bounds(view: BlockView, stats: BlockStats) -> torch.Tensor:
     """Upper bound on ||Δy||_F when one query head is removed, token by token.
 
-    Δy_t = -Δ_t + F(N(h_t - Δ_t)) - F(N(h_t)); along the segment ||x|| >= ||h_t|| - ||Δ_t||, so
-    RMSNorm's Jacobian norm is at most max|g| / sqrt((||h_t|| - ||Δ_t||)_+^2 / d + eps).
+    Δy_t = -Δ_t + F(N(h_t - Δ_t)) - F(N(h_t)), with Δ_t the head's change of the residual h_t (bounded
+    through the attention output norm where there is one: ``output_norm_scales``). Without an FFN output
+    norm: along the segment ||x|| >= ||h_t|| - ||Δ_t||, so the FFN norm's Jacobian norm is at most
+    max|g| / sqrt((||h_t|| - ||Δ_t||)_+^2 / d + eps). With one (P, Gemma's sandwich): F's input moves
+    by at most 2 max|g| ||Δ_t|| / r(h_t) (r: the RMS with eps, the same argument as for P), and P's
+    output by at most s_t times F's output change (s_t: P's scale at the dense output).
     """
     deltas = stats.per_token_head_norms().double()
     residual = stats.per_token_residual_norms().double().unsqueeze(1)
-    gain = float(view.mlp_norm.weight.detach().abs().max())
-    floor = (residual - deltas).clamp_min(0).pow(2) / view.hidden_size + eps
-    factor = 1 + ffn_lipschitz_on_ball(view) * gain / floor.sqrt()
+    norm = view.mlp_norm
+    gain, eps, lipschitz = float(norm.gain().abs().max()), norm.eps, ffn_lipschitz_on_ball(view)
+    if view.ffn_out_norm is None:
+        floor = (residual - deltas).clamp_min(0).pow(2) / view.hidden_size + eps
+        factor = 1 + lipschitz * gain / floor.sqrt()
+    else:
+        rms = (residual.pow(2) / view.hidden_size + eps).sqrt()
+        factor = 1 + lipschitz * 2 * gain / rms * stats.per_token_ffn_out_scales().double().unsqueeze(1)
     return (factor * deltas).pow(2).sum(0).sqrt()
 
 
@@ -152,18 +165,23 @@ class BipMetric(Metric):
 
     def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
         centred = self.options.centred
-        channels = stats.ffn_norms(centred) * _column_norms(view.down.weight)
+        channels = stats.ffn_change_norms(centred) * _column_norms(view.down.weight)
         return UnitScores(heads=self.head_scores(view, stats), channels=channels,
                           attn_channels=self.channel_bounds(view, stats))
 
     def channel_bounds(self, view: BlockView, stats: BlockStats) -> torch.Tensor:
         """||X_H[:, c]|| * ||W_O[:, c]|| per attention channel c (centred when compensating)."""
-        return stats.attn_norms(self.options.centred) * _column_norms(view.o.weight)
+        return stats.attn_change_norms(self.options.centred) * _column_norms(view.o.weight)
+
+    def check(self, view: BlockView) -> None:
+        if self.options.lipschitz == "certified" and view.mlp_norm is None:
+            raise PruneError("--lipschitz certified bounds the FFN through the norm before it, which this "
+                             "family's blocks do not have (OLMo 2); use --lipschitz spectral or none")
 
     def head_scores(self, view: BlockView, stats: BlockStats) -> torch.Tensor:
         lipschitz, head_score = self.options.lipschitz, self.options.head_score
         if lipschitz == "certified":
-            return certified_head_bounds(view, stats, float(view.mlp_norm.variance_epsilon))
+            return certified_head_bounds(view, stats)
         factor = {"spectral": lambda: 1 + ffn_lipschitz_spectral(view), "none": lambda: 1.0}
         if lipschitz not in factor:
             raise PruneError(f"unknown --lipschitz {lipschitz!r}; use spectral, certified or none")
@@ -243,11 +261,12 @@ class FlapMetric(Metric):
         return UnitScores.of_channels(attn_channels, channels, view.head_dim)
 
 
-def _taylor(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum |w * dL/dw| along ``dim`` (1: per output row, 0: per input column)."""
-    if weight.grad is None:
+def _taylor(projection: Rows | nn.Linear, dim: int) -> torch.Tensor:
+    """sum |w * dL/dw| over a projection's weights along ``dim`` (1: per output row, 0: per input column)."""
+    grad = projection.grad if isinstance(projection, Rows) else projection.weight.grad
+    if grad is None:
         raise PruneError("llm-pruner scores need gradients; none were accumulated")
-    return (weight.detach().double() * weight.grad.double()).abs().sum(dim).cpu()
+    return (projection.weight.detach().double() * grad.double()).abs().sum(dim).cpu()
 
 
 @register_metric
@@ -259,7 +278,7 @@ class TaylorMetric(Metric):
 
     def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
         hd = view.head_dim
-        per_channel = _taylor(view.q.weight, 1) + _taylor(view.o.weight, 0)
-        kv = _taylor(view.k.weight, 1) + _taylor(view.v.weight, 1)
-        ffn = _taylor(view.gate.weight, 1) + _taylor(view.up.weight, 1) + _taylor(view.down.weight, 0)
+        per_channel = _taylor(view.q, 1) + _taylor(view.o, 0)
+        kv = _taylor(view.k, 1) + _taylor(view.v, 1)
+        ffn = _taylor(view.gate, 1) + _taylor(view.up, 1) + _taylor(view.down, 0)
         return UnitScores.of_channels(per_channel, ffn, hd, kv)

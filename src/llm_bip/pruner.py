@@ -3,6 +3,8 @@ cut, and describe the result. The phases themselves are in engine.py."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -60,6 +62,12 @@ class PruneResult:
         }
 
 
+@functools.cache
+def note_heads_kept(model_type: str, reason: str) -> None:
+    print(f"llm-bip: note: {model_type} models keep every attention head ({reason}); only FFN channels are "
+          "pruned", file=sys.stderr)
+
+
 class Pruner:
     """One pruning run over a loaded model. Construction checks every option against the model, with
     no data and no forward pass; ``run()`` prunes in place and returns the result. Given the ``record``
@@ -76,6 +84,10 @@ class Pruner:
             config = replace(config, compensate=self.stack.adapter.supports_compensation(model.config))
         self.config, self.record = config, record
         metric = make_metric(config.metric, config.score_options())
+        for i in self.stack.prunable:
+            metric.check(self.stack.views[i])
+        if self.stack.adapter.heads_kept_because:
+            note_heads_kept(model.config.model_type, self.stack.adapter.heads_kept_because)
         if metric.needs_gradients and record is None and not self.stack.blocks.whole_model:
             raise PruneError(f"--method {config.method} needs gradients through the whole model, which --offload "
                              "never holds in memory; choose another method or prune without --offload")

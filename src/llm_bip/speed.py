@@ -49,9 +49,9 @@ def macs_per_token(model, context: float) -> dict[str, float]:
     adapter = adapter_for(model.config)
     views = [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
     counts = {
-        "attention_linear": sum(linear_macs(m) for v in views for m in v.attention_linears()),
+        "attention_linear": sum(linear_macs(m) for v in views for m in v.attention_projections()),
         "attention_products": sum(2 * v.widths.num_heads * v.head_dim * context for v in views),
-        "ffn": sum(linear_macs(m) for v in views for m in v.ffn_linears()),
+        "ffn": sum(linear_macs(m) for v in views for m in v.ffn_projections()),
         "lm_head": linear_macs(model.get_output_embeddings()),
     }
     return {"context": context, **counts, "total": sum(counts.values())}

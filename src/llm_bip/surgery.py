@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .adapters import BlockView, ModelAdapter, Widths
+from .adapters import BlockView, ModelAdapter, Rows, Widths
 from .allocation import LayerPlan
 from .calibration import BlockGrams
 
@@ -22,6 +22,16 @@ def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows.to(linear.bias.device)).contiguous())
     linear.out_features = rows.numel()
+
+
+def _keep_projection_rows(kept: list[tuple[Rows, torch.Tensor]]) -> None:
+    """Keep the given rows (relative to each projection) of every projection; the projections that share a
+    fused map are cut together, each keeping its place in it."""
+    by_linear: dict[nn.Linear, list[torch.Tensor]] = {}
+    for rows, idx in kept:
+        by_linear.setdefault(rows.linear, []).append(idx + rows.start)
+    for linear, parts in by_linear.items():
+        _keep_rows(linear, torch.cat(parts))
 
 
 def _keep_columns(linear: nn.Linear, cols: torch.Tensor) -> None:
@@ -41,12 +51,8 @@ def prune_block(adapter: ModelAdapter, view: BlockView, plan: LayerPlan) -> None
         return
     q_idx, ch_idx = kept_columns(view, plan)
     kv_idx = head_channels(plan.keep_kv_heads, view.head_dim)
-    _keep_rows(view.q, q_idx)
-    _keep_rows(view.k, kv_idx)
-    _keep_rows(view.v, kv_idx)
+    _keep_projection_rows([(view.q, q_idx), (view.k, kv_idx), (view.v, kv_idx), (view.gate, ch_idx), (view.up, ch_idx)])
     _keep_columns(view.o, q_idx)
-    _keep_rows(view.gate, ch_idx)
-    _keep_rows(view.up, ch_idx)
     _keep_columns(view.down, ch_idx)
     adapter.set_widths(view, plan.widths)
 
@@ -150,7 +156,7 @@ def describe_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> None
     config.per_layer_config = None
     config.allow_global_per_layer_attribute_access = False
     config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    stock = len(set(widths)) == 1 and adapter.allows_heads(config, widths[0].num_heads)
+    stock = len(set(widths)) == 1 and adapter.allows(config, widths[0])
     for key, value in (widths[0] if stock else _global_widths(adapter, config, widths)).as_config().items():
         setattr(config, key, value)
     if stock:
@@ -164,5 +170,5 @@ def describe_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> None
 def _global_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> Widths:
     """A per-layer config's global fields: the widest block's sizes, with a head count ``config``'s class accepts."""
     widest = Widths(*(max(getattr(w, f) for w in widths) for f in ("num_heads", "num_kv_heads", "intermediate_size")))
-    heads = next(n for n in itertools.count(widest.num_heads) if adapter.allows_heads(config, n))
-    return replace(widest, num_heads=heads)
+    candidates = (replace(widest, num_heads=n) for n in itertools.count(widest.num_heads))
+    return next(w for w in candidates if adapter.allows(config, w))

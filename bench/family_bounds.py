@@ -1,0 +1,85 @@
+"""How tight the LLM-BIP scores are on every family, against brute-force removal of every unit.
+
+For tiny random models of each family (tests/tiny_models.py: the conformance suite's models), block 2 of 3
+in float64: every FFN channel and every query head is removed alone and the block output's change
+||y - y'||_F measured. Reported per variant: change / score for the default FFN channel score and the
+certified head bound (1 = exact; <= 1 = a bound), and Spearman's rank correlation of score and change
+(how well the score orders the units, which is what pruning uses), next to the same correlation for the
+score that ignores an FFN output norm (``unscaled``: ||a_j|| ||W_D[:, j]||, what a Llama-only tool computes). Writes
+bench/results/family_bounds.{json,md}.
+
+    python bench/family_bounds.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's tiny models
+
+from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
+from llm_bip.surgery import head_channels  # noqa: E402
+from llm_bip.tables import markdown_table  # noqa: E402
+from test_conformance import block_setup, change_without  # noqa: E402
+from tiny_models import VARIANTS  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(torch.argsort(x)).double()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def measure(variant: str) -> dict:
+    view, inputs, stats, y = block_setup(variant)
+    channels = make_metric("bip", ScoreOptions()).score(view, stats, view.index).channels
+    channel_change = torch.tensor([change_without(view, inputs, y, view.down.weight, [j])
+                                   for j in range(view.widths.intermediate_size)], dtype=torch.float64)
+    unscaled = stats.ffn_norms() * view.down.weight.detach().double().norm(dim=0)
+    row = {"variant": variant, "family": VARIANTS[variant][0], "output_norms": view.ffn_out_norm is not None,
+           **summary("ffn", channel_change / channels), "ffn_spearman": spearman(channels, channel_change),
+           "ffn_spearman_unscaled": spearman(unscaled, channel_change)}
+    if view.mlp_norm is None:  # OLMo 2: no certified head bound (and no head is removed)
+        return row
+    heads = make_metric("bip", ScoreOptions(lipschitz="certified")).score(view, stats, view.index).heads
+    head_change = torch.tensor([change_without(view, inputs, y, view.o.weight, head_channels([h], view.head_dim))
+                                for h in range(view.widths.num_heads)], dtype=torch.float64)
+    return {**row, **summary("head", head_change / heads), "head_spearman": spearman(heads, head_change)}
+
+
+def summary(kind: str, ratios: torch.Tensor) -> dict:
+    return {f"{kind}_ratio_min": float(ratios.min()), f"{kind}_ratio_median": float(ratios.median()),
+            f"{kind}_ratio_max": float(ratios.max())}
+
+
+def main() -> None:
+    rows = [measure(v) for v in sorted(VARIANTS)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "family_bounds.json").write_text(json.dumps(rows, indent=1) + "\n")
+    columns = ["variant", "output_norms", "ffn_ratio_min", "ffn_ratio_max", "ffn_spearman", "ffn_spearman_unscaled",
+               "head_ratio_min",
+               "head_ratio_median", "head_ratio_max", "head_spearman"]
+    table = markdown_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    (RESULTS / "family_bounds.md").write_text(table + "\n")
+    print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()
