@@ -6,7 +6,8 @@ Each block is fed the keyword arguments the model gives it; pruned equals masked
 exact change (a bound through an output norm) and the certified head score bounds the change, against
 brute force over every unit; save and reload give the same logits; offload equals in-memory bit for bit;
 compensation keeps the mean output where the family can hold biases; the ratio asked is obtained; every
-method prunes or refuses in one line; GGUF export refuses the families llama.cpp's llama layout cannot hold.
+method prunes or refuses in one line; every family has a llama.cpp layout, and per-layer widths are refused
+where that layout holds one width.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llm_bip import PruneConfig, PruneError, export_gguf, load_pruned, prune, sa
 from llm_bip.adapters import adapter_for, supported_model_types
 from llm_bip.calibration import capture_block_inputs, collect_block_stats, forward_block
 from llm_bip.cli import main
+from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.methods import METHODS
 from llm_bip.pruner import note_heads_kept
 from llm_bip.metrics import ScoreOptions, make_metric
@@ -285,12 +287,20 @@ def test_heads_stay_where_a_norm_spans_them(capsys):
 # --------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("variant", [v for v in ONE_PER_FAMILY if VARIANTS[v][0] not in ("llama", "mistral", "qwen2")])
-def test_gguf_export_refuses_what_the_llama_layout_cannot_hold(variant, tmp_path):
-    tiny_model(variant).save_pretrained(tmp_path / "model")
-    build_tokenizer().save_pretrained(tmp_path / "model")
-    family = VARIANTS[variant][0]
-    with pytest.raises(PruneError, match=f"{family} blocks add"):
+def test_every_family_has_a_gguf_layout():
+    """Which llama.cpp layout each family exports to; the logits llama.cpp computes are tested in
+    test_gguf_export.py for every family."""
+    assert sorted(LAYOUTS) == supported_model_types()
+
+
+@pytest.mark.parametrize("variant", [v for v in ONE_PER_FAMILY if LAYOUTS[VARIANTS[v][0]][1] is None])
+def test_gguf_export_refuses_per_layer_widths_where_llama_cpp_holds_one(variant, tmp_path):
+    model = tiny_model(variant, scale=5.0)
+    config = PruneConfig(ratio=0.35, allocation="global", gqa="heads", compensate=False, reconstruct=False)
+    prune(model, None, config, calib=random_ids())
+    assert model.config.is_heterogeneous
+    save_model(model, build_tokenizer(), tmp_path / "model", overwrite=False)
+    with pytest.raises(PruneError, match="one head count and one FFN width.*--allocation uniform"):
         export_gguf(str(tmp_path / "model"), tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 

@@ -231,6 +231,15 @@ def test_gguf_architecture_without_an_adapter(capsys, monkeypatch, tmp_path, arg
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("config.json"))
 
 
+def test_gguf_architecture_read_as_another_model_type_passes_the_header_check(capsys, monkeypatch, tmp_path):
+    """transformers reads a "gemma3" GGUF as gemma3_text, which prunes: this header-only file fails later,
+    in the conversion."""
+    monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path / "cache"))
+    model = write_gguf(tmp_path / "m.gguf", "gemma3")
+    assert main(["prune", str(model), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "could not read GGUF file" in error_message(capsys.readouterr().err)
+
+
 def test_gguf_architecture_transformers_cannot_read(capsys, tmp_path):
     model = write_gguf(tmp_path / "m.gguf", "rwkv6")
     assert main(["eval", str(model), "--ppl", "ptb"]) == 2

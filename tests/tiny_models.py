@@ -28,6 +28,7 @@ TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
 NEEDS_TOKEN_IDS = ("qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2")
 # sliding-window layers next to global ones, a window shorter than the test sequences
 MIXED_LAYERS = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+GEMMA = dict(MIXED_LAYERS, tie_word_embeddings=True)  # as every Gemma ships
 
 # name -> (architecture, config overrides)
 VARIANTS = {
@@ -40,17 +41,20 @@ VARIANTS = {
     "qwen3-gqa": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2)),
     "qwen3-wide": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128, hidden_size=64,
                                  intermediate_size=384)),
+    "smollm3-gqa": ("smollm3", dict(num_attention_heads=4, num_key_value_heads=2)),  # every 4th layer: no RoPE
     "smollm3-gqa-bias": ("smollm3", dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True,
                                          mlp_bias=True, no_rope_layer_interval=2)),
     "gemma2-mqa": ("gemma2", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=128,
-                                  intermediate_size=512, query_pre_attn_scalar=256, **MIXED_LAYERS)),
-    "gemma2-gqa": ("gemma2", dict(num_attention_heads=6, num_key_value_heads=2, **MIXED_LAYERS)),
+                                  intermediate_size=512, query_pre_attn_scalar=256, **GEMMA)),
+    "gemma2-gqa": ("gemma2", dict(num_attention_heads=6, num_key_value_heads=2, query_pre_attn_scalar=8,
+                                  **GEMMA)),
     "gemma3-mqa": ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256, hidden_size=128,
-                                       intermediate_size=512, query_pre_attn_scalar=256, **MIXED_LAYERS)),
-    "gemma3-gqa": ("gemma3_text", dict(num_attention_heads=6, num_key_value_heads=3, **MIXED_LAYERS)),
+                                       intermediate_size=512, query_pre_attn_scalar=256, **GEMMA)),
+    "gemma3-gqa": ("gemma3_text", dict(num_attention_heads=6, num_key_value_heads=3, query_pre_attn_scalar=8,
+                                       **GEMMA)),
     "phi3-gqa": ("phi3", dict(num_attention_heads=6, num_key_value_heads=2)),
     "phi3-mha": ("phi3", dict(num_attention_heads=4, num_key_value_heads=4)),
-    "olmo2-gqa": ("olmo2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "olmo2-gqa": ("olmo2", dict(num_attention_heads=6, num_key_value_heads=2)),
 }
 
 # Words of the tiny tokenizer; with the special tokens they must fit a saved model's vocabulary.

@@ -99,8 +99,9 @@ class BlockView:
 
     ``attn_norm`` and ``mlp_norm`` normalise each branch's input (None: the branch reads the residual
     itself, OLMo 2); ``attn_out_norm`` and ``ffn_out_norm`` normalise each branch's output before the
-    residual add (Gemma's sandwich, OLMo 2), else None. ``heads_removable``: False where removing a
-    head would change the others (a q/k norm over all heads' channels)."""
+    residual add (Gemma's sandwich, OLMo 2), else None; ``q_norm`` and ``k_norm`` normalise queries and
+    keys where the family does (per head: Qwen3, Gemma 3; over all heads: OLMo 2). ``heads_removable``:
+    False where removing a head would change the others (a q/k norm over all heads' channels)."""
 
     index: int
     layer: nn.Module
@@ -118,6 +119,8 @@ class BlockView:
     attn_out_norm: Norm | None
     ffn_out_norm: Norm | None
     head_dim: int
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
     heads_removable: bool = True
 
     @property
@@ -162,6 +165,7 @@ class ModelAdapter:
     mlp_norm: str | None = "post_attention_layernorm"
     attn_out_norm: str | None = None
     ffn_out_norm: str | None = None
+    qk_norms: tuple[str, str] | None = None
     norm_offset = 0.0
     # config flags that give every projection a bias (o_proj's and down_proj's hold bias compensation)
     bias_flags: tuple[str, ...] = ()
@@ -175,13 +179,14 @@ class ModelAdapter:
         layer = self.layers(model)[index]
         attention = layer.get_submodule(self.attention)
         q, k, v, gate, up = self.input_rows(layer)
+        q_norm, k_norm = (self._norm(layer, name) for name in self.qk_norms or (None, None))
         return BlockView(
             index=index, layer=layer, attention=attention, mlp=layer.get_submodule(self.mlp),
             q=q, k=k, v=v, o=layer.get_submodule(self.projections["o"]),
             gate=gate, up=up, down=layer.get_submodule(self.projections["down"]),
             attn_norm=self._norm(layer, self.attn_norm), mlp_norm=self._norm(layer, self.mlp_norm),
             attn_out_norm=self._norm(layer, self.attn_out_norm), ffn_out_norm=self._norm(layer, self.ffn_out_norm),
-            head_dim=attention.head_dim, heads_removable=self.heads_kept_because is None,
+            head_dim=attention.head_dim, q_norm=q_norm, k_norm=k_norm, heads_removable=self.heads_kept_because is None,
         )
 
     def input_rows(self, layer: nn.Module) -> tuple[Rows, ...]:
@@ -191,9 +196,9 @@ class ModelAdapter:
     def _norm(self, layer: nn.Module, name: str | None) -> Norm | None:
         return None if name is None else Norm(layer.get_submodule(name), self.norm_offset)
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
+    def final_norm(self, model: nn.Module) -> Norm:
         """The norm between the last block and the LM head."""
-        return model.model.norm
+        return Norm(model.model.norm, self.norm_offset)
 
     def rotary(self, model: nn.Module) -> nn.Module:
         """The rotary embedding (its ``inv_freq`` and ``attention_scaling``)."""
@@ -263,6 +268,7 @@ class Qwen3Adapter(ModelAdapter):
     """Qwen3: RMSNorm per head on q and k (one gain over head_dim, shared by all heads: kept as it is)."""
 
     model_types = ("qwen3",)
+    qk_norms = ("self_attn.q_norm", "self_attn.k_norm")
 
 
 class SmolLM3Adapter(ModelAdapter):
@@ -288,6 +294,7 @@ class Gemma3Adapter(Gemma2Adapter):
     norms per head."""
 
     model_types = ("gemma3_text",)
+    qk_norms = ("self_attn.q_norm", "self_attn.k_norm")
 
 
 class Phi3Adapter(ModelAdapter):
@@ -324,6 +331,7 @@ class Olmo2Adapter(ModelAdapter):
     mlp_norm = None
     attn_out_norm = "post_attention_layernorm"
     ffn_out_norm = "post_feedforward_layernorm"
+    qk_norms = ("self_attn.q_norm", "self_attn.k_norm")
     heads_kept_because = "its q/k norms span all heads' channels, so removing a head would change every other one"
 
 

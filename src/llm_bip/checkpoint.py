@@ -40,6 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # bytes per GGUF scalar value type, from gguf's own type table
 GGUF_SCALAR_SIZES = {kind: np.dtype(t).itemsize for kind, t in gguf.GGUFReader.gguf_scalar_to_np.items()}
+# GGUF architectures transformers reads as another model_type
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 
 
 class PerLayerAccessFilter(logging.Filter):
@@ -172,7 +174,7 @@ def check_gguf_architecture(path: Path, prunable: bool) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     architecture = gguf_architecture(path)
-    if prunable and architecture not in ADAPTERS:
+    if prunable and GGUF_MODEL_TYPES.get(architecture, architecture) not in ADAPTERS:
         raise PruneError(f"{path}: unsupported architecture {architecture!r} for pruning; supported: "
                          f"{', '.join(sorted(ADAPTERS))}")
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:

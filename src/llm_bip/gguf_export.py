@@ -1,10 +1,10 @@
 """GGUF export: a (pruned) model written as llama.cpp runs it.
 
-Blocks of one size are written in llama.cpp's ``llama`` layout; blocks of different sizes in its
-``deci`` layout (Nemotron-NAS), whose head, KV-head and FFN counts are per-layer arrays. Both load
-the optional biases compensation and refits leave on o_proj and down_proj. f32 and f16 files are
-written by the ``gguf`` package; quantized types by llama.cpp's own quantizer from an f32 file.
-The tokenizer is copied from the GGUF the model came from, where there is one, else built from the
+Which of llama.cpp's architectures holds a family's blocks, and what it cannot hold, is gguf_layouts.py;
+here the file is written: hyperparameters, tensors by the blocks' roles (q/k rows in GGML's RoPE order
+where the layout rotates adjacent pairs, norm gains as the family applies them), the tokenizer. f32 and
+f16 files are written by the ``gguf`` package; quantized types by llama.cpp's own quantizer from an f32
+file. The tokenizer is copied from the GGUF the model came from, where there is one, else built from the
 Hugging Face tokenizer (byte-level BPE) with gguf's vocabulary helpers.
 """
 
@@ -19,11 +19,12 @@ import gguf
 import numpy as np
 import torch
 
-from .adapters import BlockView, ModelAdapter, Widths, adapter_for
+from .adapters import BlockView, Norm, Widths, adapter_for
 from .checkpoint import (DEFAULT_MODEL, check_apart_from_inputs, embedded_gguf, load_model, local_inputs,
                          resolve_source)
 from .data import needs_bos
 from .errors import PruneError
+from .gguf_layouts import Layout, layout_for, rope_parameters
 from .llamacpp import quantize, require_llama_cpp
 from .outputs import input_summary
 from .shards import write_atomically
@@ -34,15 +35,6 @@ WRITTEN = {"f32": np.float32, "f16": np.float16}  # written here; the rest by ll
 QUANT_BLOCK = 32  # the smallest quantization block: a row of another length is stored as f16
 DESCRIPTIVE = ("general.name", "general.organization", "general.basename", "general.finetune",
                      "general.license", "general.languages")
-ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time, so expressible as rope_freqs
-# the families whose blocks llama.cpp's llama and deci layouts compute; what the others add
-LLAMA_SHAPED = ("llama", "mistral", "qwen2")
-BEYOND_LLAMA = {
-    "qwen3": "per-head q/k norms", "gemma2": "sandwich norms, (1 + weight) gains and logit soft-capping",
-    "gemma3_text": "sandwich norms, (1 + weight) gains and per-head q/k norms",
-    "phi3": "fused qkv and gate_up projections", "olmo2": "norms after each branch and q/k norms over all heads",
-    "smollm3": "layers without RoPE",
-}
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ def export_gguf(source: str, out: str | Path, file_type: str = "f16", overwrite:
     if file_type not in WRITTEN:
         require_llama_cpp()
     model, tokenizer = load_model(source)
-    check_family(model.config)
+    layout_for(model.config, blocks_of(model))
     if file_type not in WRITTEN and not allow_f16_rows:
         check_quantizable(model, file_type)
     vocabulary = tokenizer_fields(source, tokenizer, model.get_input_embeddings().num_embeddings)
@@ -95,14 +87,6 @@ def check_output_file(out: str | Path, overwrite: bool, source: str) -> Path:
     return out
 
 
-def check_family(config) -> None:
-    """Refuse a family whose blocks llama.cpp's llama and deci layouts would compute otherwise."""
-    if config.model_type not in LLAMA_SHAPED:
-        raise PruneError(f"GGUF export writes llama.cpp's llama and deci layouts, which hold {', '.join(LLAMA_SHAPED)} "
-                         f"blocks; {config.model_type} blocks add {BEYOND_LLAMA[config.model_type]}, which need "
-                         "llama.cpp's own layout for the family (not written by llm-bip yet)")
-
-
 def write_file(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
     """Write ``model`` to ``path`` as ``file_type``: directly for f32/f16, else quantized from an f32 file."""
     if file_type in WRITTEN:
@@ -116,18 +100,22 @@ def write_file(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_ty
         plain.unlink(missing_ok=True)
 
 
+def blocks_of(model) -> list[BlockView]:
+    adapter = adapter_for(model.config)
+    return [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
+
+
 def write_plain(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
     """One GGUF file of hyperparameters, ``vocabulary`` fields and tensors (matrices as ``file_type``,
     vectors f32, as llama.cpp's converter stores them)."""
-    adapter = adapter_for(model.config)
-    blocks = [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
-    widths = [check_block(i, view) for i, view in enumerate(blocks)]
-    architecture = "llama" if len(set(widths)) == 1 else "deci"
-    writer = gguf.GGUFWriter(str(path), architecture)
-    write_hyperparameters(writer, model, widths, blocks[0].head_dim, FILE_TYPES[file_type])
+    blocks = blocks_of(model)
+    widths = [check_block(view) for view in blocks]
+    layout = layout_for(model.config, blocks)
+    writer = gguf.GGUFWriter(str(path), layout.name)
+    write_hyperparameters(writer, model, layout, widths, blocks[0].head_dim, FILE_TYPES[file_type])
     for key, field in vocabulary.items():
         writer.add_key_value(key, field.value, field.type, field.sub_type)
-    for name, tensor in model_tensors(adapter, model, blocks):
+    for name, tensor in model_tensors(model, layout, blocks):
         array = tensor.detach().float().cpu().numpy()
         writer.add_tensor(name, array.astype(WRITTEN[file_type]) if array.ndim == 2 else array)
     writer.write_header_to_file()
@@ -136,18 +124,20 @@ def write_plain(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_t
     writer.close()
 
 
-def check_block(index: int, view: BlockView) -> Widths:
+def check_block(view: BlockView) -> Widths:
     """A block's widths; refused where llama.cpp's graph would compute something else (no heads or no
     FFN channels left: its deci graph skips such parts, and their biases with them)."""
     widths = view.widths
     if widths.num_heads == 0 or widths.intermediate_size == 0:
-        raise PruneError(f"layer {index} has {widths.num_heads} heads and {widths.intermediate_size} FFN channels; "
-                         "llama.cpp cannot run a block with an empty attention or FFN as transformers does")
+        raise PruneError(f"layer {view.index} has {widths.num_heads} heads and {widths.intermediate_size} FFN "
+                         "channels; llama.cpp cannot run a block with an empty attention or FFN as transformers does")
     return widths
 
 
-def write_hyperparameters(writer: gguf.GGUFWriter, model, widths: list[Widths], head_dim: int, ftype: int) -> None:
-    """Sizes (per-layer arrays where blocks differ), norms, RoPE, context length and file type."""
+def write_hyperparameters(writer: gguf.GGUFWriter, model, layout: Layout, widths: list[Widths], head_dim: int,
+                          ftype: int) -> None:
+    """Sizes (per-layer arrays where blocks differ), norms, RoPE, context length, the layout's own fields and
+    the file type."""
     config = model.config
     per_layer = len(set(widths)) > 1
 
@@ -155,7 +145,7 @@ def write_hyperparameters(writer: gguf.GGUFWriter, model, widths: list[Widths], 
         return values if per_layer else values[0]
 
     writer.add_block_count(len(widths))
-    writer.add_context_length(context_length(config))
+    writer.add_context_length(context_length(config, layout))
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(field([w.intermediate_size for w in widths]))
     writer.add_head_count(field([w.num_heads for w in widths]))
@@ -163,67 +153,65 @@ def write_hyperparameters(writer: gguf.GGUFWriter, model, widths: list[Widths], 
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope_base(config))
+    writer.add_rope_freq_base(float(rope_parameters(config).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(model.get_input_embeddings().num_embeddings)
+    if layout.extras is not None:
+        layout.extras(writer, config)
     writer.add_file_type(ftype)
 
 
-def context_length(config) -> int:
-    """The trained context; for a sliding-window model (Mistral) no longer than its window, beyond
-    which llama.cpp's full attention would differ."""
+def context_length(config, layout: Layout) -> int:
+    """The trained context; for a model with a sliding window in every layer (Mistral), no longer than the
+    window, beyond which llama.cpp's full attention would differ, unless the layout computes windows."""
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return min(config.max_position_embeddings, window or config.max_position_embeddings)
+    if layout.windowed or window is None:
+        return config.max_position_embeddings
+    return min(config.max_position_embeddings, window)
 
 
-def rope_base(config) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    rope_type = parameters.get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise PruneError(f"RoPE type {rope_type!r} cannot be written to GGUF here; supported: {', '.join(ROPE_TYPES)}")
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise PruneError("partial rotary embeddings cannot be written to llama.cpp's llama/deci layouts")
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def rope_factors(adapter: ModelAdapter, model, head_dim: int) -> torch.Tensor | None:
+def rope_factors(model, head_dim: int) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs`` (it divides each default frequency by its factor) for scaled RoPE
     (linear, llama3), from the frequencies the model actually uses; None for plain RoPE."""
-    rotary = adapter.rotary(model)
+    rotary = adapter_for(model.config).rotary(model)
     if getattr(rotary, "attention_scaling", 1.0) != 1.0:
         raise PruneError("RoPE with attention scaling (e.g. YaRN) cannot be written to GGUF here")
-    base = rope_base(model.config)
+    base = float(rope_parameters(model.config).get("rope_theta", 10000.0))
     default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = default / rotary.inv_freq.double().cpu()
     return None if torch.allclose(factors, torch.ones_like(factors)) else factors.float()
 
 
-def model_tensors(adapter: ModelAdapter, model, blocks: list[BlockView]):
-    """(GGUF tensor name, tensor) of the whole model: q/k rows permuted to GGML's RoPE pair order,
-    biases only where they are not zero, the LM head only where it is not tied to the embedding."""
+def model_tensors(model, layout: Layout, blocks: list[BlockView]):
+    """(GGUF tensor name, tensor) of the whole model: q/k rows permuted to GGML's RoPE pair order where the
+    layout rotates adjacent pairs, norms as the gains they apply, biases only where they are not zero, the
+    LM head only where it is not tied to the embedding."""
     names = gguf.TENSOR_NAMES
     yield names[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight", model.get_input_embeddings().weight
-    yield names[gguf.MODEL_TENSOR.OUTPUT_NORM] + ".weight", adapter.final_norm(model).weight
+    yield names[gguf.MODEL_TENSOR.OUTPUT_NORM] + ".weight", adapter_for(model.config).final_norm(model).gain()
     if not model.config.tie_word_embeddings:
         yield names[gguf.MODEL_TENSOR.OUTPUT] + ".weight", model.get_output_embeddings().weight
-    factors = rope_factors(adapter, model, blocks[0].head_dim)
+    factors = rope_factors(model, blocks[0].head_dim) if layout.rope_freqs else None
     if factors is not None:
         yield names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors
-    for i, view in enumerate(blocks):
-        for kind, module in block_modules(view):
-            name = names[kind].format(bid=i)
-            yield name + ".weight", rope_order(module.weight, view, kind)
-            bias = getattr(module, "bias", None)
+    for view in blocks:
+        for kind, weight, bias in block_tensors(view):
+            name = names[kind].format(bid=view.index)
+            yield name + ".weight", rope_order(weight, view, kind) if layout.rope_pairs else weight
             if bias is not None and bool(bias.any()):
-                yield name + ".bias", rope_order(bias, view, kind)
+                yield name + ".bias", rope_order(bias, view, kind) if layout.rope_pairs else bias
 
 
-def block_modules(view: BlockView):
-    """(GGUF tensor kind, module) of one block."""
+def block_tensors(view: BlockView) -> list[tuple[gguf.MODEL_TENSOR, torch.Tensor, torch.Tensor | None]]:
+    """(GGUF tensor kind, weight, bias) of one block's norms (those the family has) and projections, in the
+    order llama.cpp's converter writes them."""
     t = gguf.MODEL_TENSOR
-    return ((t.ATTN_NORM, view.attn_norm.module), (t.ATTN_Q, view.q), (t.ATTN_K, view.k), (t.ATTN_V, view.v),
-            (t.ATTN_OUT, view.o), (t.FFN_NORM, view.mlp_norm.module), (t.FFN_GATE, view.gate), (t.FFN_UP, view.up),
-            (t.FFN_DOWN, view.down))
+    parts = ((t.ATTN_NORM, view.attn_norm), (t.ATTN_Q, view.q), (t.ATTN_K, view.k), (t.ATTN_V, view.v),
+             (t.ATTN_Q_NORM, view.q_norm), (t.ATTN_K_NORM, view.k_norm), (t.ATTN_OUT, view.o),
+             (t.ATTN_POST_NORM, view.attn_out_norm), (t.FFN_NORM, view.mlp_norm), (t.FFN_GATE, view.gate),
+             (t.FFN_UP, view.up), (t.FFN_DOWN, view.down), (t.FFN_POST_NORM, view.ffn_out_norm))
+    return [(kind, part.gain(), None) if isinstance(part, Norm) else (kind, part.weight, part.bias)
+            for kind, part in parts if part is not None]
 
 
 def rope_order(tensor: torch.Tensor, view: BlockView, kind: gguf.MODEL_TENSOR) -> torch.Tensor:
@@ -239,12 +227,11 @@ def rope_order(tensor: torch.Tensor, view: BlockView, kind: gguf.MODEL_TENSOR) -
 def check_quantizable(model, file_type: str) -> None:
     """Refuse widths a quantized type cannot hold: llama.cpp stores a matrix whose rows are not a multiple
     of 32 long as f16 (K-quants fall back to a 32-block type for rows not a multiple of 256)."""
-    adapter = adapter_for(model.config)
-    for i in range(len(adapter.layers(model))):
-        for kind, module in block_modules(adapter.block(model, i)):
-            width = module.weight.shape[-1]
-            if module.weight.dim() == 2 and width % QUANT_BLOCK:
-                name = gguf.TENSOR_NAMES[kind].format(bid=i)
+    for view in blocks_of(model):
+        for kind, weight, _ in block_tensors(view):
+            width = weight.shape[-1]
+            if weight.dim() == 2 and width % QUANT_BLOCK:
+                name = gguf.TENSOR_NAMES[kind].format(bid=view.index)
                 raise PruneError(f"{name} has rows of {width} values, not a multiple of {QUANT_BLOCK}, so llama.cpp "
                                  f"would store it as f16, not {file_type}; prune with --round-to {QUANT_BLOCK}, "
                                  "or pass --allow-f16-rows")
