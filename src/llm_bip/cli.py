@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=get_args(Normalize),
                    help="global ranking: score per parameter, relative to each block's output norm, or z-scores")
     p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
-                   help="bias compensation of removed units' mean contribution (FLAP); llama models "
+                   help="bias compensation of removed units' mean contribution (FLAP); llama and smollm3 models "
                         "(bip: on where the architecture allows)")
     p.add_argument("--lipschitz", choices=get_args(Lipschitz),
                    help="FFN Lipschitz factor in head scores (spectral = the paper's)")
@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help="score each block on already-pruned inputs (default: the method's choice)")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction,
-                   help="refit the kept columns of o_proj and down_proj (and their bias, llama) by least squares to "
-                        "the dense outputs on the calibration data; needs the data even with --scores "
+                   help="refit the kept columns of o_proj and down_proj (and their bias, llama/smollm3) by least "
+                        "squares to the dense outputs on the calibration data; needs the data even with --scores "
                         "(default: the method's choice, on for bip)")
     p.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")

@@ -1,0 +1,128 @@
+"""Every family at the block shapes of a real checkpoint: prune, save, reload, export, run in llama.cpp.
+
+Random weights (no checkpoint of these families installs offline), two blocks of the real model's sizes
+(hidden, heads, KV heads, head width, FFN width, query scale, sliding windows), a small vocabulary. For
+each: the default ``bip`` at 20% and the uniform allocation at 20% and 50% (no compensation, no refit), on
+16 random windows of 128 tokens; the pruned model saved and reloaded (stock ``from_pretrained`` or ``load_pruned``, as the folder
+says) with its logits compared; uniform widths exported to GGUF (f32) and run by llama.cpp, logits compared.
+Writes bench/results/family_shapes.{json,md}.
+
+    python bench/family_shapes.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's model builder
+
+from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model  # noqa: E402
+from llm_bip.gguf_export import write_file  # noqa: E402
+from llm_bip.llamacpp import open_gguf, window_logits  # noqa: E402
+from llm_bip.tables import markdown_table  # noqa: E402
+from test_gguf_export import TOKEN_IDS_ONLY  # noqa: E402
+from tiny_models import build_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+VOCAB = 512
+TWO_KINDS = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+# the block sizes of public checkpoints (their config.json)
+SHAPES = {
+    "Llama-3.2-1B": ("llama", dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                   intermediate_size=8192)),
+    "Qwen3-0.6B": ("qwen3", dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 intermediate_size=3072)),
+    "SmolLM3-3B": ("smollm3", dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                                   intermediate_size=11008)),
+    "gemma-2-2b": ("gemma2", dict(hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                  intermediate_size=9216, query_pre_attn_scalar=256, tie_word_embeddings=True,
+                                  **TWO_KINDS)),
+    "gemma-3-1b": ("gemma3_text", dict(hidden_size=1152, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                       intermediate_size=6912, query_pre_attn_scalar=256, tie_word_embeddings=True,
+                                       **TWO_KINDS)),
+    "Phi-3-mini": ("phi3", dict(hidden_size=3072, num_attention_heads=32, num_key_value_heads=32, head_dim=96,
+                                intermediate_size=8192)),
+    "OLMo-2-1B": ("olmo2", dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+                                intermediate_size=8192)),
+}
+# the default; then uniform widths, for llama.cpp's one-width layouts, with no bias added (SmolLM3's graph
+# has no place for one) and none of the refit's large solves
+PLAIN = dict(allocation="uniform", compensate=False, reconstruct=False)
+RUNS = {"bip 20%": PruneConfig(ratio=0.2), "uniform 20%": PruneConfig(ratio=0.2, **PLAIN),
+        "uniform 50%": PruneConfig(ratio=0.5, **PLAIN)}
+
+
+def model_of(architecture: str, sizes: dict):
+    model = build_model(architecture, 0, vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=256,
+                        **{"tie_word_embeddings": False, **sizes})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(0.02 ** -1 * p.shape[-1] ** -0.5)  # unit-variance activations, as in trained models
+    return model
+
+
+def run(name: str, label: str, config: PruneConfig, folder: Path) -> dict:
+    architecture, sizes = SHAPES[name]
+    model = model_of(architecture, sizes)
+    calib = torch.randint(0, VOCAB, (16, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    _, result = prune(model, None, config, calib=calib)
+    seconds = time.perf_counter() - start
+    save_model(model, None, folder / "model", overwrite=True)
+    reloaded = load_pruned(folder / "model")  # stock from_pretrained where the folder holds no per-layer widths
+    with torch.no_grad():
+        logits = model(ids).logits
+        reload_diff = float((reloaded(ids).logits - logits).abs().max())
+    row = {"model": name, "run": label, "widths": sorted({str(w) for w in result.widths_after}),
+           "ratio": round(result.block_ratio, 4), "per_layer_config": model.config.is_heterogeneous,
+           "prune_s": round(seconds, 1), "reload_max_diff": reload_diff}
+    if len(set(result.widths_after)) == 1:  # llama.cpp's one-width layouts; deci is tested with Llama-shaped blocks
+        try:
+            row.update(llama_cpp_agreement(model, logits, ids, folder))
+        except PruneError as err:
+            row["export_refused"] = str(err)
+    return row
+
+
+def llama_cpp_agreement(model, logits: torch.Tensor, ids: torch.Tensor, folder: Path) -> dict:
+    path = folder / "model.gguf"
+    write_file(model, TOKEN_IDS_ONLY, path, "f32")
+    with open_gguf(path, context=ids.shape[1], f32_cache=True) as runner:
+        theirs = window_logits(runner, ids)
+    return {"llama_cpp_max_rel_diff": float((theirs - logits).abs().max() / logits.abs().max()),
+            "llama_cpp_top1": float((theirs.argmax(-1) == logits.argmax(-1)).float().mean())}
+
+
+def main() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SHAPES:
+            for label, config in RUNS.items():
+                rows.append(run(name, label, config, Path(tmp)))
+                print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "family_shapes.json").write_text(json.dumps(rows, indent=1) + "\n")
+    columns = ["model", "run", "ratio", "per_layer_config", "reload_max_diff", "llama_cpp_max_rel_diff",
+               "llama_cpp_top1", "export_refused", "prune_s"]
+    table = markdown_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    (RESULTS / "family_shapes.md").write_text(table + "\n")
+    print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()
