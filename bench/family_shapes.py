@@ -3,8 +3,9 @@
 Random weights (no checkpoint of these families installs offline), two blocks of the real model's sizes
 (hidden, heads, KV heads, head width, FFN width, query scale, sliding windows), a small vocabulary. For
 each: the default ``bip`` at 20% and the uniform allocation at 20% and 50% (no compensation, no refit), on
-16 random windows of 128 tokens; the pruned model saved and reloaded (stock ``from_pretrained`` or ``load_pruned``, as the folder
-says) with its logits compared; uniform widths exported to GGUF (f32) and run by llama.cpp, logits compared.
+16 random windows of 128 tokens; the pruned model saved and reloaded (stock ``from_pretrained`` or
+``load_pruned``, as the folder says) with its logits compared; uniform widths exported to GGUF (f32) and run
+by llama.cpp, logits compared.
 Writes bench/results/family_shapes.{json,md}.
 
     python bench/family_shapes.py
