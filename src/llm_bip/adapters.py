@@ -209,14 +209,14 @@ class ModelAdapter:
         view.attention.num_key_value_groups = widths.group_size
         view.mlp.intermediate_size = widths.intermediate_size
 
-    def supports_compensation(self, config) -> bool:
+    def supports_compensation(self) -> bool:
         """Bias compensation needs o_proj and down_proj biases, which only some families' configs can declare."""
         return bool(self.bias_flags)
 
     def check_compensation(self, config) -> None:
         from .errors import PruneError
 
-        if not self.supports_compensation(config):
+        if not self.supports_compensation():
             able = ", ".join(t for t in supported_model_types() if ADAPTERS[t].bias_flags)
             raise PruneError(f"bias compensation needs output biases, which {config.model_type!r} models cannot "
                              f"hold in stock transformers (it is supported for {able} models); pass --no-compensate")

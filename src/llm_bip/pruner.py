@@ -81,7 +81,7 @@ class Pruner:
         self.stack = Stack(model, config, blocks)
         config = replace(config, keep_dense=config.dense_layers(len(self.stack.views)))
         if config.compensate == "auto":
-            config = replace(config, compensate=self.stack.adapter.supports_compensation(model.config))
+            config = replace(config, compensate=self.stack.adapter.supports_compensation())
         self.config, self.record = config, record
         metric = make_metric(config.metric, config.score_options())
         for i in self.stack.prunable:
@@ -101,7 +101,7 @@ class Pruner:
                                                                      or metric.needs_gradients))
         # compensation and reconstruction move what is cut into o_proj/down_proj biases, where the model can hold them
         self.output_biases = config.compensate or (config.reconstruct
-                                                   and self.stack.adapter.supports_compensation(model.config))
+                                                   and self.stack.adapter.supports_compensation())
         if self.needs_data and config.calibration == SELF and not self.stack.blocks.whole_model:
             raise PruneError("--calibration self samples text from the whole model, which --offload never holds "
                              "in memory; calibrate on a corpus or a file, or prune without --offload")
