@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import gguf
 import pytest
 import torch
 
-from llm_bip import PruneConfig, prune, save_model
+from llm_bip import PruneConfig, export_gguf, prune, save_model
 from llm_bip.adapters import adapter_for
 from llm_bip.cli import main
 from llm_bip.errors import PruneError
@@ -16,7 +17,7 @@ from llm_bip.gguf_export import describe, write_file
 from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.llamacpp import open_gguf, window_logits
 from llm_bip.shards import write_atomically
-from tiny_models import VOCAB, build_model, random_ids, save_tiny_model, tiny_model
+from tiny_models import VOCAB, build_model, build_tokenizer, calibration_text, random_ids, save_tiny_model, tiny_model
 
 # llama.cpp without a vocabulary: it runs from token ids, as these tests feed it
 TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}
@@ -176,3 +177,50 @@ def test_an_output_inside_the_input_folder_is_refused(tmp_path, capsys):
     assert main(["export", str(folder), "--out", str(folder / "inside.gguf")]) == 2
     assert "lies inside the input" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def sentencepiece_model(vocab: int, leading_space: bool) -> bytes:
+    """A tiny SentencePiece BPE model with byte fallback and no normalisation (as Gemma's and Llama 2's),
+    trained here on the tiny vocabulary's text: <unk> 0, <s> 1, </s> 2, as the tiny HF tokenizer numbers
+    its specials. ``leading_space``: a space is put before the text (Llama 2), or not (Gemma)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(calibration_text(3000).splitlines()), model_writer=model, vocab_size=vocab,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=leading_space, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("leading_space", [True, False])
+def test_sentencepiece_vocabulary_tokenizes_as_sentencepiece(tmp_path, calib_text_file, leading_space):
+    """A model that ships tokenizer.model, pruned, then exported: the vocabulary is found through the summary,
+    and llama.cpp splits text into the ids SentencePiece gives (byte fallback, spaces, accents included)."""
+    import sentencepiece
+
+    source = tmp_path / "model"
+    build_model("llama", 0, vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
+                pad_token_id=None).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    (source / "tokenizer.model").write_bytes(sentencepiece_model(320, leading_space))
+    assert main(["prune", str(source), "--out", str(tmp_path / "pruned"), "--calibration", str(calib_text_file),
+                 "--samples", "4", "--calib-seqlen", "16", "--eval", "none"]) == 0
+    assert not (tmp_path / "pruned" / "tokenizer.model").exists()
+    out = tmp_path / "pruned.gguf"
+    export_gguf(str(tmp_path / "pruned"), out)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    texts = ["the man and the woman", "  a  world of people\nday", "Zürich, 2026 — naïve café"]
+    with open_gguf(out, context=64) as runner:
+        for text in texts:
+            assert runner.tokenize(text.encode(), add_bos=False) == spm.encode(text), text
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.model"].contents() == "llama"
+
+
+def test_an_unreadable_sentencepiece_model_is_refused(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny")
+    (folder / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(PruneError, match="not a readable SentencePiece model"):
+        export_gguf(str(folder), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

@@ -4,14 +4,16 @@ Which of llama.cpp's architectures holds a family's blocks, and what it cannot h
 here the file is written: hyperparameters, tensors by the blocks' roles (q/k rows in GGML's RoPE order
 where the layout rotates adjacent pairs, norm gains as the family applies them), the tokenizer. f32 and
 f16 files are written by the ``gguf`` package; quantized types by llama.cpp's own quantizer from an f32
-file. The tokenizer is copied from the GGUF the model came from, where there is one, else built from the
-Hugging Face tokenizer (byte-level BPE) with gguf's vocabulary helpers.
+file. The tokenizer is copied from the GGUF the model came from, where there is one, else built with gguf's
+vocabulary helpers from the SentencePiece model it came with (tokenizer.model) or its byte-level BPE
+Hugging Face tokenizer.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,8 +242,13 @@ def check_quantizable(model, file_type: str) -> None:
 def tokenizer_fields(source: str, tokenizer, embeddings: int) -> dict[str, gguf.GGUFValue]:
     """The GGUF fields of the tokenizer and the model's descriptive metadata: copied from
     the GGUF file the model came from where there is one, else built from its Hugging Face tokenizer."""
-    origin = origin_gguf(source)
-    fields = copied_fields(origin) if origin is not None else hf_tokenizer_fields(source, tokenizer)
+    origin, sentencepiece = origin_gguf(source), sentencepiece_folder(source)
+    if origin is not None:
+        fields = copied_fields(origin)
+    elif sentencepiece is not None:
+        fields = sentencepiece_fields(source, sentencepiece, tokenizer, embeddings)
+    else:
+        fields = hf_tokenizer_fields(source, tokenizer)
     listed = len(fields["tokenizer.ggml.tokens"].value)
     if listed != embeddings:
         raise PruneError(f"{source}: the tokenizer lists {listed} tokens but the model embeds {embeddings}; "
@@ -249,16 +256,27 @@ def tokenizer_fields(source: str, tokenizer, embeddings: int) -> dict[str, gguf.
     return fields
 
 
-def origin_gguf(source: str, depth: int = 8) -> Path | None:
-    """The GGUF file ``source`` is or was pruned/fine-tuned from (followed through llm-bip summaries), or None."""
-    if source == DEFAULT_MODEL:
-        return embedded_gguf()
-    path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    summary = input_summary(path) if depth else {}
-    parent = summary.get("model") or summary.get("finetune", {}).get("model")
-    return None if parent is None else origin_gguf(parent, depth - 1)
+def lineage(source: str, depth: int = 8) -> Iterator[Path]:
+    """``source`` and the models it was pruned or fine-tuned from, nearest first (followed through llm-bip
+    summaries, at most ``depth`` steps)."""
+    for _ in range(depth + 1):
+        path = embedded_gguf() if source == DEFAULT_MODEL else Path(source)
+        yield path
+        summary = input_summary(path) if path.is_dir() else {}
+        source = summary.get("model") or summary.get("finetune", {}).get("model")
+        if source is None:
+            return
+
+
+def origin_gguf(source: str) -> Path | None:
+    """The GGUF file ``source`` is or was pruned/fine-tuned from, or None."""
+    return next((p for p in lineage(source) if p.is_file() and p.suffix == ".gguf"), None)
+
+
+def sentencepiece_folder(source: str) -> Path | None:
+    """The nearest folder of ``source``'s lineage that holds a SentencePiece ``tokenizer.model`` (Gemma, Phi-3,
+    Llama 2 ship one; transformers does not write it into saved folders), or None."""
+    return next((p for p in lineage(source) if (p / "tokenizer.model").is_file()), None)
 
 
 def copied_fields(origin: Path) -> dict[str, gguf.GGUFValue]:
@@ -294,6 +312,37 @@ def hf_tokenizer_fields(source: str, tokenizer) -> dict[str, gguf.GGUFValue]:
     recorder.add_token_types(token_types(tokenizer, len(texts)))
     recorder.add_add_bos_token(needs_bos(tokenizer))
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(texts)).add_to_gguf(recorder, quiet=True)
+    return {key: value for key, value in recorder.kv_data[0].items() if key.startswith("tokenizer.")}
+
+
+def sentencepiece_fields(source: str, folder: Path, tokenizer, rows: int) -> dict[str, gguf.GGUFValue]:
+    """A SentencePiece vocabulary (``folder``'s tokenizer.model, read by gguf's SentencePieceVocab) as GGUF
+    fields, as llama.cpp's converter writes it: padded to the embedding's ``rows`` with unused tokens, the
+    Hugging Face tokenizer's added tokens over their ids (special ones CONTROL), its special ids and chat
+    template, and the model's own choice of a leading space (Gemma adds none)."""
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(folder)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise PruneError(f"{folder / 'tokenizer.model'}: not a readable SentencePiece model ({err})") from None
+    tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
+    missing = range(len(tokens), rows)
+    tokens += [f"[PAD{i}]".encode() for i in missing]
+    scores += [-10000.0] * len(missing)
+    types += [gguf.TokenType.UNUSED] * len(missing)
+    for index, token in tokenizer.added_tokens_decoder.items():
+        if index < rows:
+            tokens[index], scores[index] = token.content.encode(), -1000.0
+            types[index] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
+    leading_space = vocab.sentencepiece_tokenizer.encode("a", out_type=str)[0].startswith("\u2581")
+    recorder = gguf.GGUFWriter(None, "llama")  # no file: collects the fields its helpers add
+    recorder.add_tokenizer_model(vocab.tokenizer_model)
+    recorder.add_tokenizer_pre("default")
+    recorder.add_token_list(tokens)
+    recorder.add_token_scores(scores)
+    recorder.add_token_types([int(t) for t in types])
+    recorder.add_add_space_prefix(leading_space)
+    gguf.SpecialVocab(Path(resolve_source(source, prunable=False)), load_merges=False, n_vocab=rows).add_to_gguf(
+        recorder, quiet=True)
     return {key: value for key, value in recorder.kv_data[0].items() if key.startswith("tokenizer.")}
 
 
