@@ -13,7 +13,6 @@ bench/results/family_bounds.{json,md}.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,11 +23,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's tiny models
 
 from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
 from llm_bip.surgery import head_channels  # noqa: E402
-from llm_bip.tables import markdown_table  # noqa: E402
 from test_conformance import block_setup, change_without  # noqa: E402
+from bench_results import write_rows  # noqa: E402
 from tiny_models import VARIANTS  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
@@ -65,20 +63,10 @@ def summary(kind: str, ratios: torch.Tensor) -> dict:
 
 def main() -> None:
     rows = [measure(v) for v in sorted(VARIANTS)]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "family_bounds.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = ["variant", "output_norms", "ffn_ratio_min", "ffn_ratio_max", "ffn_spearman", "ffn_spearman_unscaled",
                "head_ratio_min",
                "head_ratio_median", "head_ratio_max", "head_spearman"]
-    table = markdown_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
-    (RESULTS / "family_bounds.md").write_text(table + "\n")
-    print(table)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    print(write_rows("family_bounds", rows, columns))
 
 
 if __name__ == "__main__":

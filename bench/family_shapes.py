@@ -13,7 +13,6 @@ Writes bench/results/family_shapes.{json,md}.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -27,11 +26,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's model builder
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model  # noqa: E402
 from llm_bip.gguf_export import write_file  # noqa: E402
 from llm_bip.llamacpp import open_gguf, window_logits  # noqa: E402
-from llm_bip.tables import markdown_table  # noqa: E402
 from test_gguf_export import TOKEN_IDS_ONLY  # noqa: E402
+from bench_results import write_rows  # noqa: E402
 from tiny_models import build_model  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 VOCAB = 512
 TWO_KINDS = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"])
 # the block sizes of public checkpoints (their config.json)
@@ -110,19 +108,9 @@ def main() -> None:
             for label, config in RUNS.items():
                 rows.append(run(name, label, config, Path(tmp)))
                 print(rows[-1], flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "family_shapes.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = ["model", "run", "ratio", "per_layer_config", "reload_max_diff", "llama_cpp_max_rel_diff",
                "llama_cpp_top1", "export_refused", "prune_s"]
-    table = markdown_table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
-    (RESULTS / "family_shapes.md").write_text(table + "\n")
-    print(table)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    print(write_rows("family_shapes", rows, columns))
 
 
 if __name__ == "__main__":
