@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's tiny models
 
 from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
 from llm_bip.surgery import head_channels  # noqa: E402
-from test_conformance import block_setup, change_without  # noqa: E402
+from test_conformance import block_setup  # noqa: E402
+from test_scores import output_change  # noqa: E402
 from bench_results import write_rows  # noqa: E402
 from tiny_models import VARIANTS  # noqa: E402
 
@@ -42,7 +43,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(variant: str) -> dict:
     view, inputs, stats, y = block_setup(variant)
     channels = make_metric("bip", ScoreOptions()).score(view, stats, view.index).channels
-    channel_change = torch.tensor([change_without(view, inputs, y, view.down.weight, [j])
+    channel_change = torch.tensor([output_change(view, inputs, y, view.down.weight, [j])
                                    for j in range(view.widths.intermediate_size)], dtype=torch.float64)
     unscaled = stats.ffn_norms() * view.down.weight.detach().double().norm(dim=0)
     row = {"variant": variant, "family": VARIANTS[variant][0], "output_norms": view.ffn_out_norm is not None,
@@ -51,7 +52,7 @@ def measure(variant: str) -> dict:
     if view.mlp_norm is None:  # OLMo 2: no certified head bound (and no head is removed)
         return row
     heads = make_metric("bip", ScoreOptions(lipschitz="certified")).score(view, stats, view.index).heads
-    head_change = torch.tensor([change_without(view, inputs, y, view.o.weight, head_channels([h], view.head_dim))
+    head_change = torch.tensor([output_change(view, inputs, y, view.o.weight, head_channels([h], view.head_dim))
                                 for h in range(view.widths.num_heads)], dtype=torch.float64)
     return {**row, **summary("head", head_change / heads), "head_spearman": spearman(heads, head_change)}
 

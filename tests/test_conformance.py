@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, PruneError, export_gguf, load_pruned, prune, save_model
 from llm_bip.adapters import adapter_for, supported_model_types
-from llm_bip.calibration import capture_block_inputs, collect_block_stats, forward_block
+from llm_bip.calibration import capture_block_inputs, forward_block
 from llm_bip.cli import main
 from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.methods import METHODS
@@ -30,6 +30,7 @@ from llm_bip.metrics import ScoreOptions, make_metric
 from llm_bip.surgery import head_channels
 from test_cli_errors import prune_args
 from test_offload import assert_same_output
+from test_scores import block_setup as scored_block, output_change
 from tiny_models import ARCHITECTURES, VARIANTS, build_tokenizer, random_ids, tiny_model
 
 ALL = sorted(VARIANTS)
@@ -65,28 +66,9 @@ def test_blocks_run_alone_reproduce_the_model(variant):
 # --------------------------------------------------------------------------- scores against brute force
 
 
-def block_setup(variant: str, layer: int = 2):
-    """Block ``layer`` of a 3-block float64 model: its view, calibration inputs, statistics and dense outputs."""
-    model = tiny_model(variant, layers=3, scale=3.0).double()
-    adapter = adapter_for(model.config)
-    inputs = capture_block_inputs(model, adapter.layers(model), random_ids(4, 24), batch_size=2)
-    for i in range(layer):
-        inputs = forward_block(adapter.block(model, i), inputs)
-    view = adapter.block(model, layer)
-    stats, outputs = collect_block_stats(view, inputs)
-    return view, inputs, stats, torch.cat([o for o, _ in outputs])
-
-
-def change_without(view, inputs, dense_y, weight, cols) -> float:
-    """||y - y'||_F over all calibration tokens with ``cols`` of ``weight`` zeroed."""
-    saved = weight.data.clone()
-    weight.data[:, cols] = 0
-    try:
-        with torch.no_grad():
-            y = torch.cat([o for o, _ in forward_block(view, inputs)])
-    finally:
-        weight.data.copy_(saved)
-    return float((y - dense_y).norm())
+def block_setup(variant: str):
+    """Block 2 of a 3-block float64 model (test_scores.block_setup): a sliding-window block in the mixed families."""
+    return scored_block(variant, layer=2, layers=3)
 
 
 @pytest.mark.parametrize("variant", ALL)
@@ -94,7 +76,7 @@ def test_ffn_channel_score_against_brute_force(variant):
     """Every channel: the score is the block output's exact change, or (through an FFN output norm) bounds it."""
     view, inputs, stats, y = block_setup(variant)
     scores = make_metric("bip", ScoreOptions()).score(view, stats, view.index).channels
-    changes = torch.tensor([change_without(view, inputs, y, view.down.weight, [j])
+    changes = torch.tensor([output_change(view, inputs, y, view.down.weight, [j])
                             for j in range(view.widths.intermediate_size)], dtype=torch.float64)
     assert (changes > 0).all()
     if view.ffn_out_norm is None:
@@ -108,7 +90,7 @@ def test_certified_head_score_bounds_removal(variant):
     view, inputs, stats, y = block_setup(variant)
     bounds = make_metric("bip", ScoreOptions(lipschitz="certified")).score(view, stats, view.index).heads
     for h in range(view.widths.num_heads):
-        change = change_without(view, inputs, y, view.o.weight, head_channels([h], view.head_dim))
+        change = output_change(view, inputs, y, view.o.weight, head_channels([h], view.head_dim))
         assert 0 < change <= float(bounds[h])
 
 

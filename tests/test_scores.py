@@ -10,12 +10,15 @@ from llm_bip.surgery import head_channels
 from tiny_models import random_ids, tiny_model
 
 
-def block_setup(variant, seed, scale, layer=1):
-    model = tiny_model(variant, layers=2, seed=seed, scale=scale).double()
+def block_setup(variant, seed=0, scale=3.0, layer=1, layers=2):
+    """Block ``layer`` of a float64 model of ``layers`` blocks: its view, calibration inputs (through the
+    blocks before it), statistics and dense outputs."""
+    model = tiny_model(variant, layers=layers, seed=seed, scale=scale).double()
     adapter = adapter_for(model.config)
-    view = adapter.block(model, layer)
     inputs = capture_block_inputs(model, adapter.layers(model), random_ids(4, 24, seed), batch_size=2)
-    inputs = forward_block(adapter.block(model, 0), inputs)
+    for i in range(layer):
+        inputs = forward_block(adapter.block(model, i), inputs)
+    view = adapter.block(model, layer)
     stats, outputs = collect_block_stats(view, inputs)
     return view, inputs, stats, torch.cat([o for o, _ in outputs])
 

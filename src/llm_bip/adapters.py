@@ -175,6 +175,10 @@ class ModelAdapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def blocks(self, model: nn.Module) -> list[BlockView]:
+        """Every decoder block's view, in order."""
+        return [self.block(model, i) for i in range(len(self.layers(model)))]
+
     def block(self, model: nn.Module, index: int) -> BlockView:
         layer = self.layers(model)[index]
         attention = layer.get_submodule(self.attention)

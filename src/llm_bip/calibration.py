@@ -89,7 +89,7 @@ def output_norm_scales(norm: Norm, out: torch.Tensor) -> torch.Tensor:
     <= 2 ||x - y|| / rho(x).)"""
     a = out.detach().double().reshape(-1, out.shape[-1])
     gain = float(norm.gain().abs().max())
-    return (2 * gain / (a.pow(2).mean(-1) + norm.eps).sqrt()).cpu()
+    return 2 * gain / (a.pow(2).mean(-1) + norm.eps).sqrt()
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _stats_hooks(view: BlockView, stats: BlockStats):
         if view.attn_out_norm is not None:
             scales = output_norm_scales(view.attn_out_norm, out)
             stats.attn_scaled_sumsq = _accumulate(stats.attn_scaled_sumsq, _scaled_sumsq(flat, scales))
-            norms = norms * scales[:, None]
+            norms = norms * scales.cpu()[:, None]
         stats.head_token_norms.append(norms)
 
     def on_residual(_m, args):
@@ -234,15 +234,15 @@ def _stats_hooks(view: BlockView, stats: BlockStats):
         if view.ffn_out_norm is not None:
             scales = output_norm_scales(view.ffn_out_norm, out)
             stats.ffn_scaled_sumsq = _accumulate(stats.ffn_scaled_sumsq, _scaled_sumsq(a, scales))
-            stats.ffn_out_scales.append(scales)
+            stats.ffn_out_scales.append(scales.cpu())
 
     ffn_input = view.mlp_norm.module if view.mlp_norm is not None else view.mlp
     return _hooks(pre=[(ffn_input, on_residual)], post=[(view.o, on_attn), (view.down, on_ffn)])
 
 
 def _scaled_sumsq(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """sum_t (s_t x_t)^2 per channel, in float64."""
-    return (x.double().cpu() * scales[:, None]).pow(2).sum(0)
+    """sum_t (s_t x_t)^2 per channel, in float64, where the activations are (only the sum is moved)."""
+    return (x.double() * scales[:, None]).pow(2).sum(0)
 
 
 def _gram_hooks(view: BlockView, grams: BlockGrams | None):

@@ -47,7 +47,7 @@ class Stack:
     def __init__(self, model, config: PruneConfig, blocks: BlockStore | None = None):
         self.model = model
         self.adapter: ModelAdapter = adapter_for(model.config)
-        self.views = [self.adapter.block(model, i) for i in range(len(self.adapter.layers(model)))]
+        self.views = self.adapter.blocks(model)
         dense = config.dense_layers(len(self.views))
         self.prunable = [i for i in range(len(self.views)) if i not in dense]
         self.blocks = blocks or BlockStore()

@@ -26,7 +26,7 @@ from .checkpoint import (DEFAULT_MODEL, check_apart_from_inputs, embedded_gguf, 
                          resolve_source)
 from .data import needs_bos
 from .errors import PruneError
-from .gguf_layouts import Layout, layout_for, rope_parameters
+from .gguf_layouts import Layout, layout_for, rope_base
 from .llamacpp import quantize, require_llama_cpp
 from .outputs import input_summary
 from .shards import write_atomically
@@ -65,7 +65,7 @@ def export_gguf(source: str, out: str | Path, file_type: str = "f16", overwrite:
     if file_type not in WRITTEN:
         require_llama_cpp()
     model, tokenizer = load_model(source)
-    layout_for(model.config, blocks_of(model))
+    layout_for(model.config, adapter_for(model.config).blocks(model))
     if file_type not in WRITTEN and not allow_f16_rows:
         check_quantizable(model, file_type)
     vocabulary = tokenizer_fields(source, tokenizer, model.get_input_embeddings().num_embeddings)
@@ -102,15 +102,10 @@ def write_file(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_ty
         plain.unlink(missing_ok=True)
 
 
-def blocks_of(model) -> list[BlockView]:
-    adapter = adapter_for(model.config)
-    return [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
-
-
 def write_plain(model, vocabulary: dict[str, gguf.GGUFValue], path: Path, file_type: str) -> None:
     """One GGUF file of hyperparameters, ``vocabulary`` fields and tensors (matrices as ``file_type``,
     vectors f32, as llama.cpp's converter stores them)."""
-    blocks = blocks_of(model)
+    blocks = adapter_for(model.config).blocks(model)
     widths = [check_block(view) for view in blocks]
     layout = layout_for(model.config, blocks)
     writer = gguf.GGUFWriter(str(path), layout.name)
@@ -155,7 +150,7 @@ def write_hyperparameters(writer: gguf.GGUFWriter, model, layout: Layout, widths
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_parameters(config).get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_base(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(model.get_input_embeddings().num_embeddings)
     if layout.extras is not None:
@@ -178,7 +173,7 @@ def rope_factors(model, head_dim: int) -> torch.Tensor | None:
     rotary = adapter_for(model.config).rotary(model)
     if getattr(rotary, "attention_scaling", 1.0) != 1.0:
         raise PruneError("RoPE with attention scaling (e.g. YaRN) cannot be written to GGUF here")
-    base = float(rope_parameters(model.config).get("rope_theta", 10000.0))
+    base = rope_base(model.config)
     default = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     factors = default / rotary.inv_freq.double().cpu()
     return None if torch.allclose(factors, torch.ones_like(factors)) else factors.float()
@@ -229,7 +224,7 @@ def rope_order(tensor: torch.Tensor, view: BlockView, kind: gguf.MODEL_TENSOR) -
 def check_quantizable(model, file_type: str) -> None:
     """Refuse widths a quantized type cannot hold: llama.cpp stores a matrix whose rows are not a multiple
     of 32 long as f16 (K-quants fall back to a 32-block type for rows not a multiple of 256)."""
-    for view in blocks_of(model):
+    for view in adapter_for(model.config).blocks(model):
         for kind, weight, _ in block_tensors(view):
             width = weight.shape[-1]
             if weight.dim() == 2 and width % QUANT_BLOCK:
@@ -242,10 +237,9 @@ def check_quantizable(model, file_type: str) -> None:
 def tokenizer_fields(source: str, tokenizer, embeddings: int) -> dict[str, gguf.GGUFValue]:
     """The GGUF fields of the tokenizer and the model's descriptive metadata: copied from
     the GGUF file the model came from where there is one, else built from its Hugging Face tokenizer."""
-    origin, sentencepiece = origin_gguf(source), sentencepiece_folder(source)
-    if origin is not None:
+    if (origin := origin_gguf(source)) is not None:
         fields = copied_fields(origin)
-    elif sentencepiece is not None:
+    elif (sentencepiece := sentencepiece_folder(source)) is not None:
         fields = sentencepiece_fields(source, sentencepiece, tokenizer, embeddings)
     else:
         fields = hf_tokenizer_fields(source, tokenizer)
@@ -309,7 +303,7 @@ def hf_tokenizer_fields(source: str, tokenizer) -> dict[str, gguf.GGUFValue]:
     recorder.add_tokenizer_model(vocab.tokenizer_model)
     recorder.add_tokenizer_pre("default")
     recorder.add_token_list(texts)
-    recorder.add_token_types(token_types(tokenizer, len(texts)))
+    recorder.add_token_types(with_added_token_types(tokenizer, [gguf.TokenType.NORMAL] * len(texts)))
     recorder.add_add_bos_token(needs_bos(tokenizer))
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(texts)).add_to_gguf(recorder, quiet=True)
     return {key: value for key, value in recorder.kv_data[0].items() if key.startswith("tokenizer.")}
@@ -332,25 +326,25 @@ def sentencepiece_fields(source: str, folder: Path, tokenizer, rows: int) -> dic
     for index, token in tokenizer.added_tokens_decoder.items():
         if index < rows:
             tokens[index], scores[index] = token.content.encode(), -1000.0
-            types[index] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
     leading_space = vocab.sentencepiece_tokenizer.encode("a", out_type=str)[0].startswith("\u2581")
     recorder = gguf.GGUFWriter(None, "llama")  # no file: collects the fields its helpers add
     recorder.add_tokenizer_model(vocab.tokenizer_model)
     recorder.add_tokenizer_pre("default")
     recorder.add_token_list(tokens)
     recorder.add_token_scores(scores)
-    recorder.add_token_types([int(t) for t in types])
+    recorder.add_token_types(with_added_token_types(tokenizer, types))
     recorder.add_add_space_prefix(leading_space)
     gguf.SpecialVocab(Path(resolve_source(source, prunable=False)), load_merges=False, n_vocab=rows).add_to_gguf(
         recorder, quiet=True)
     return {key: value for key, value in recorder.kv_data[0].items() if key.startswith("tokenizer.")}
 
 
-def token_types(tokenizer, count: int) -> list[int]:
-    """GGUF token types: added special tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL."""
-    types = [gguf.TokenType.NORMAL] * count
+def with_added_token_types(tokenizer, types: list[gguf.TokenType]) -> list[int]:
+    """GGUF token types: the tokenizer's added special tokens CONTROL, its other added tokens USER_DEFINED,
+    the rest as ``types`` gives them."""
+    types = list(types)
     for index, token in tokenizer.added_tokens_decoder.items():
-        if index < count:
+        if index < len(types):
             types[index] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
     return [int(t) for t in types]
 

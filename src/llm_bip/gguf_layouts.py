@@ -135,6 +135,11 @@ def rope_parameters(config, layer_type: str = "full_attention") -> dict:
     return parameters.get(layer_type, parameters)
 
 
+def rope_base(config) -> float:
+    """The RoPE base frequency of the global layers."""
+    return float(rope_parameters(config).get("rope_theta", 10000.0))
+
+
 def check_rope(config, layout: Layout) -> None:
     """Refuse a RoPE llama.cpp would compute otherwise in ``layout``: scaled where it reads no rope_freqs,
     partial rotary."""

@@ -46,8 +46,7 @@ def linear_macs(linear: nn.Linear) -> int:
 
 def macs_per_token(model, context: float) -> dict[str, float]:
     """MACs of one token through ``model`` when its queries attend to ``context`` key positions."""
-    adapter = adapter_for(model.config)
-    views = [adapter.block(model, i) for i in range(len(adapter.layers(model)))]
+    views = adapter_for(model.config).blocks(model)
     counts = {
         "attention_linear": sum(linear_macs(m) for v in views for m in v.attention_projections()),
         "attention_products": sum(2 * v.widths.num_heads * v.head_dim * context for v in views),
