@@ -292,6 +292,6 @@ def test_gguf_export_refuses_per_layer_widths_where_llama_cpp_holds_one(variant,
     ("gemma2-gqa", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
 ])
 def test_lora_targets_are_the_family_s_projections(variant, targets):
-    from llm_bip.finetune import lora_targets
+    from llm_bip.training import lora_targets
 
     assert lora_targets(tiny_model(variant)) == targets

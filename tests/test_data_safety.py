@@ -50,12 +50,14 @@ def command(name: str, folder: Path, out: Path) -> list[str]:
                     "--ppl", text, "--calibration", text, "--samples", "4", "--calib-seqlen", "16"],
         "finetune": ["finetune", model, "--data", text, "--out", str(out), "--seqlen", "16", "--max-steps", "1",
                      "--eval", "none"],
+        "distill": ["distill", model, "--teacher", model, "--data", text, "--out", str(out), "--seqlen", "16",
+                    "--max-steps", "1", "--eval", "none"],
         "bench-speed": ["bench-speed", model, "--out", str(out), "--batch-sizes", "1", "--lengths", "8",
                         "--decode-tokens", "2", "--prompt-length", "4", "--repeats", "1", "--warmup", "0"],
     }[name] + ["--overwrite"]
 
 
-COMMANDS = ["prune", "eval", "compare", "finetune", "bench-speed"]
+COMMANDS = ["prune", "eval", "compare", "finetune", "distill", "bench-speed"]
 OVERLAPS = {  # --out relative to the user's folder, and what the message says
     "is-input": (lambda f: f / "model", "is the input"),
     "holds-input": (lambda f: f, "holds the input"),
@@ -316,9 +318,10 @@ def test_work_folders_that_llm_bip_did_not_write_are_kept(capsys, tmp_path, tiny
     for name, argv in [("out.partial", prune_args(tiny_model_dir, out, calib_text_file, "--offload", "--overwrite")),
                        ("out.checkpoints", ["finetune", str(tiny_model_dir), "--data", str(calib_text_file), "--out",
                                             str(out), "--seqlen", "16", "--max-steps", "1", "--eval", "none",
-                                            "--overwrite"])]:
+                                            "--overwrite"]),
+                       ("out.pruned", prune_args(tiny_model_dir, out, calib_text_file, "--recover", "1"))]:
         mine = tmp_path / name
         mine.mkdir()
         (mine / "data.csv").write_text("a user's folder that happens to have this name")
-        assert_fails_cleanly(capsys, argv, out, [mine], name, "not written by llm-bip" if "partial" in name
-                             else "holds none")
+        assert_fails_cleanly(capsys, argv, out, [mine], name, "holds none" if "checkpoints" in name
+                             else "not written by llm-bip")

@@ -1,12 +1,9 @@
-"""Recovery fine-tuning: data building, LoRA training and merging, resume, CLI errors, 2-process run."""
+"""Recovery fine-tuning (the language-model loss): data building, LoRA training and merging, resume, CLI errors,
+2-process run."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +16,12 @@ from llm_bip import PruneConfig, prune, save_model
 from llm_bip.adapters import adapter_for
 from llm_bip.checkpoint import load_model
 from llm_bip.cli import main
-from llm_bip.finetune import (
-    FinetuneConfig, add_lora, alpaca_prompt, build_training_data, checkpoint_folder, finetune, loss_history, read_data,
-    train, training_arguments,
-)
+from llm_bip.recovery import FinetuneConfig, run_finetune
+from llm_bip.training import add_lora, checkpoint_folder, loss_history, train, training_arguments
+from llm_bip.training_data import alpaca_prompt, build_training_data, read_data
 from llm_bip.outputs import SCORES_FILE, SUMMARY_FILE
 from llm_bip.scores import save_scores
+from accelerate_launch import DATA_PARALLEL, launch
 from test_cli_errors import assert_fails_cleanly, snapshot
 
 RECORDS = [
@@ -72,9 +69,9 @@ def test_instruction_labels_cover_the_response_only(tmp_path, tokenizer, suffix)
         path.write_text(json.dumps(RECORDS))
     else:
         write_jsonl(path, RECORDS)
-    data = build_training_data(tokenizer, read_data(path), seqlen=64)
+    data = build_training_data(tokenizer, read_data(path), seqlen=64, seed=0)
     eos = tokenizer.eos_token_id
-    first, second = data.examples
+    first, second = sorted(data.examples, key=lambda e: len(e["input_ids"]))  # in a seeded order
     response = ids_of(tokenizer, "a new day") + [eos]
     assert first["labels"] == [-100] * PROMPT_TOKENS + response
     assert first["input_ids"][PROMPT_TOKENS:] == response
@@ -83,26 +80,34 @@ def test_instruction_labels_cover_the_response_only(tmp_path, tokenizer, suffix)
     response = ids_of(tokenizer, "the woman") + [eos]
     assert second["labels"] == [-100] * PROMPT_WITH_INPUT_TOKENS + response
     assert second["input_ids"][PROMPT_WITH_INPUT_TOKENS:] == response
-    assert data.describe() == {"file": str(path), "format": f"alpaca-{suffix[1:]}", "examples": 2,
+    assert data.describe() == {"source": str(path), "format": f"alpaca-{suffix[1:]}", "examples": 2,
                                "tokens": PROMPT_TOKENS + PROMPT_WITH_INPUT_TOKENS + 7, "loss_tokens": 7}
 
 
 def test_instruction_examples_are_cut_to_seqlen(tmp_path, tokenizer):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(RECORDS))
-    data = build_training_data(tokenizer, read_data(path), seqlen=PROMPT_TOKENS + 2)
+    data = build_training_data(tokenizer, read_data(path), seqlen=PROMPT_TOKENS + 2, seed=0)
     assert len(data.examples) == 1  # the second prompt alone is longer than seqlen: dropped
     assert data.examples[0]["labels"] == [-100] * PROMPT_TOKENS + ids_of(tokenizer, "a new")
 
 
-def test_text_becomes_packed_windows(tmp_path, tokenizer):
+def test_text_becomes_packed_windows_in_a_seeded_order(tmp_path, tokenizer):
     path = tmp_path / "data.txt"
     path.write_text("the a of and to " * 10)  # 50 tokens: three windows of 16, two tokens left over
-    data = build_training_data(tokenizer, read_data(path), seqlen=16)
+    data = build_training_data(tokenizer, read_data(path), seqlen=16, seed=0)
     ids = ids_of(tokenizer, "the a of and to " * 10)
-    assert [e["input_ids"] for e in data.examples] == [ids[0:16], ids[16:32], ids[32:48]]
+    assert sorted(e["input_ids"] for e in data.examples) == sorted([ids[0:16], ids[16:32], ids[32:48]])
     assert all(e["labels"] == e["input_ids"] for e in data.examples)
-    assert data.describe() == {"file": str(path), "format": "text", "examples": 3, "tokens": 48, "loss_tokens": 48}
+    # 15 tokens of each window are predicted
+    assert data.describe() == {"source": str(path), "format": "text", "examples": 3, "tokens": 48, "loss_tokens": 45}
+    again = build_training_data(tokenizer, read_data(path), seqlen=16, seed=0).examples
+    assert again == data.examples
+    orders = {tuple(map(tuple, (e["input_ids"] for e in build_training_data(tokenizer, read_data(path), 16, seed)
+                                .examples))) for seed in range(6)}
+    assert len(orders) > 1  # the seed orders them
+    first_two = build_training_data(tokenizer, read_data(path), seqlen=16, seed=0, limit=2).examples
+    assert first_two == data.examples[:2]  # a budget reads the first examples of the same order
 
 
 # --------------------------------------------------------------------------- training and merging
@@ -117,9 +122,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     (folder / "data.txt").write_text(REPETITIVE)
     config = FinetuneConfig(data=str(folder / "data.txt"), seqlen=16, batch_size=4, max_steps=12, lr=1e-2,
                             lora_dropout=0.0, save_steps=100, eval="none")
-    data = build_training_data(tokenizer, read_data(config.data), config.seqlen)
+    data = build_training_data(tokenizer, read_data(config.data), config.seqlen, config.seed)
     peft_model = add_lora(model, config)
-    trainer = train(peft_model, tokenizer, data, training_arguments(config, folder / "checkpoints", "cpu"))
+    trainer = train(peft_model, tokenizer, data.examples, training_arguments(config, folder / "checkpoints", "cpu"))
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     peft_model.eval()
     with torch.no_grad():
@@ -170,13 +175,13 @@ def test_resume_continues_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
                             lr=1e-2, lora_dropout=0.0, eval="none")
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        finetune(str(tiny_model_dir), out, config, callbacks=[StopAfterSave(2)])
+        run_finetune(str(tiny_model_dir), out, config, callbacks=[StopAfterSave(2)])
     assert not out.exists()
     assert (checkpoint_folder(out) / "checkpoint-2").is_dir()
-    resumed = finetune(str(tiny_model_dir), out, config, resume=True)["finetune"]
+    resumed = run_finetune(str(tiny_model_dir), out, config, resume=True)["finetune"]
     assert resumed["resumed_from"] == str(checkpoint_folder(out) / "checkpoint-2")
     assert not checkpoint_folder(out).exists()  # removed once the output is written
-    straight = finetune(str(tiny_model_dir), tmp_path / "straight", config)["finetune"]
+    straight = run_finetune(str(tiny_model_dir), tmp_path / "straight", config)["finetune"]
     assert resumed["steps"] == straight["steps"] == 4
     assert [h["step"] for h in resumed["loss_history"]] == [h["step"] for h in straight["loss_history"]]
     assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in straight["loss_history"]],
@@ -226,14 +231,14 @@ def test_per_layer_pruned_model_finetunes_and_reloads(tiny_model_dir, calib_text
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert {k: summary[k] for k in result.summary()} == json.loads((pruned / SUMMARY_FILE).read_text())
     section = summary["finetune"]
-    assert section["data"] == {"file": str(data), "format": "alpaca-jsonl", "examples": 8,
+    assert section["data"] == {"source": str(data), "format": "alpaca-jsonl", "examples": 8,
                                "tokens": 4 * (PROMPT_TOKENS + PROMPT_WITH_INPUT_TOKENS + 7), "loss_tokens": 28}
     assert section["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "targets": [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
     assert (section["steps"], section["world_size"], section["effective_batch_size"]) == (3, 1, 3)
     assert [e["step"] for e in section["loss_history"]] == [1, 2, 3]
     assert section["perplexity"]["before"]["tokens"] == section["perplexity"]["after"]["tokens"] == 248
-    assert set(section["phases"]) == {"load", "eval_before", "train", "eval_after"}
+    assert set(section["phases"]) == {"data", "load", "eval_before", "train", "eval_after"}
     assert (out / SCORES_FILE).read_bytes() == (pruned / SCORES_FILE).read_bytes()
 
 
@@ -299,26 +304,14 @@ def test_bad_options_fail_cleanly(capsys, tiny_model_dir, tmp_path):
 
 
 def test_accelerate_launch_two_cpu_processes_agree(tiny_model_dir, calib_text_file, tmp_path):
-    """On CPU, ``--multi_gpu`` is accelerate's way to start N torchrun processes (gloo); ``--cpu`` needs mpirun."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "llm_bip.cli", "finetune", str(tiny_model_dir), "--data", str(calib_text_file), "--out", str(out),
-               *FAST]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        output, _ = proc.communicate()
-        pytest.fail(f"accelerate launch did not finish in 240 s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    output = launch(DATA_PARALLEL, ["finetune", str(tiny_model_dir), "--data", str(calib_text_file), "--out", str(out),
+                                    *FAST])
     section = json.loads((out / SUMMARY_FILE).read_text())["finetune"]
     assert section["world_size"] == 2 and section["effective_batch_size"] == 4 and section["steps"] == 3
-    checksums = section["lora_checksums"]
+    checksums = section["checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], checksums
-    assert output.count("trained 3 steps on 2 process(es)") == 1  # only the main process writes and reports
+    assert "trained 3 steps on 2 process(es)" in output
     tuned, _ = load_model(str(out))
     source, _ = load_model(str(tiny_model_dir))
     weights = dict(tuned.named_parameters())

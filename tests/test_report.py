@@ -174,6 +174,24 @@ def read(folder: Path, name: str) -> dict:
     return json.loads((folder / name).read_text())
 
 
+def test_distillation_section_shows_each_loss(finetuned, calib_text_file, tmp_path):
+    """distill of the finetuned run (so both recovery sections): the KL, LM and block-output losses."""
+    distilled = tmp_path / "distilled"
+    assert main(["distill", str(finetuned), "--data", str(calib_text_file), "--out", str(distilled), "--seqlen", "16",
+                 "--batch-size", "2", "--max-steps", "2", "--lm-weight", "0.5", "--hidden-weight", "0.1",
+                 "--eval", "none"]) == 0
+    out = build_report(distilled, tmp_path / "report")
+    md = (out / "report.md").read_text()
+    record = summary_of(distilled)["distill"]
+    settings = dict(row[:2] for row in tables(part(md, "## Distillation"))[0][1:])
+    assert {k: settings[k] for k in ("teacher.source", "objective.kl", "objective.lm", "objective.hidden")} == {
+        "teacher.source": record["teacher"]["source"], "objective.kl": "1", "objective.lm": "0.5",
+        "objective.hidden": "0.1"}
+    assert "## Fine-tuning" in md and (out / "loss-finetune.png").is_file()
+    assert "![distillation loss](loss-distill.png)" in md and (out / "loss-distill.png").is_file()
+    assert set(record["loss_history"][0]) == {"step", "loss", "kl", "lm", "hidden"}
+
+
 def test_speedups_pair_measured_with_mac_ratio(speed_dir):
     dense, pruned = read(speed_dir, SPEED_FILE)["models"]
     expected = {
@@ -198,12 +216,12 @@ def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_fi
         "steps": "3", "lora.r": "8", "lora.alpha": "16", "config.lr": "0.0002", "resumed_from": "-"}
     assert settings["data.examples"] == f"{record['data']['examples']:,}"
     assert settings["lora.targets"] == ", ".join(record["lora"]["targets"])
-    assert settings["lora_checksums"] == record["lora_checksums"][0]
+    assert settings["checksums"] == record["checksums"][0]
     assert not {"perplexity", "loss_history", "phases"} & {key.split(".")[0] for key in settings}
     stages = {row[0]: float(row[-1]) for row in ppl_table[1:]}
     assert stages == pytest.approx({k: v["ppl"] for k, v in record["perplexity"].items()}, rel=1e-4)
     assert list(stages) == ["before", "after"]
-    assert "![training loss](loss.png)" in finetune
+    assert "![fine-tuning loss](loss-finetune.png)" in finetune and (out / "loss-finetune.png").is_file()
     assert [row[0] for row in phases_table[1:]] == list(record["phases"])
 
     result = read(eval_dir, EVAL_FILE)
@@ -249,7 +267,7 @@ def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_fi
     assert settings["torch_threads"] == str(speed["torch_threads"])
 
     tags = html_tags(out)
-    assert sorted(tags.images) == ["loss.png", "scores.png", "speed.png", "widths.png"]
+    assert sorted(tags.images) == ["loss-finetune.png", "scores.png", "speed.png", "widths.png"]
     for name in tags.images:
         assert_image(out / name)
 

@@ -8,6 +8,9 @@ from .outputs import __version__
 from .config import PruneConfig
 from .job import run_prune
 from .pruner import PruneResult, prune
+from .recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
+from .pipeline import run_prune_and_recover
 
-__all__ = ["PruneConfig", "PruneError", "PruneResult", "__version__", "export_gguf", "load_model", "load_pruned",
-           "perplexity", "prune", "run_prune", "save_model"]
+__all__ = ["DistillConfig", "FinetuneConfig", "PruneConfig", "PruneError", "PruneResult", "__version__", "export_gguf",
+           "load_model", "load_pruned", "perplexity", "prune", "run_distill", "run_finetune", "run_prune",
+           "run_prune_and_recover", "save_model"]

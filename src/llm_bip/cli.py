@@ -1,4 +1,4 @@
-"""The ``llm-bip`` command: prune, eval, compare, bench-speed, report, finetune, export. Errors are one
+"""The ``llm-bip`` command: prune, eval, compare, bench-speed, report, finetune, distill, export. Errors are one
 line on stderr and a non-zero exit."""
 
 from __future__ import annotations
@@ -14,17 +14,20 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import get_args
 
-from .checkpoint import DEFAULT_MODEL, atomic_folder, check_device, check_output_folder, load_model, local_inputs
+from .checkpoint import (DEFAULT_MODEL, DTYPES, atomic_folder, check_device, check_output_folder, load_model,
+                         local_inputs)
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig
 from .data import check_calibration_source, check_text_source, corpora_help, corpus_names, is_corpus
 from .errors import PruneError
-from .evaluation import perplexity
-from .finetune import FinetuneConfig, finetune
+from .evaluation import agreement, perplexity
 from .gguf_export import FILE_TYPES, export_gguf
 from .job import run_prune
 from .methods import METHODS
 from .outputs import EVAL_FILE, SCORES_FILE, library_versions
+from .pipeline import run_prune_and_recover
+from .recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
+from .teacher import check_same_vocabulary
 from .profiling import PhaseLog
 from .report import build_report
 from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
@@ -112,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true",
                    help="models larger than memory: one block at a time is read from the checkpoint's shards, "
                         "scored, cut and written out; the work is kept in OUT.partial")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted --offload run from OUT.partial")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --offload run from OUT.partial, "
+                   "or an interrupted --recover run at the phase it stopped in")
+    p.add_argument("--recover", type=int, metavar="STEPS", help="then recover the pruned model: distil the dense "
+                   "model into it for STEPS steps with distill's defaults (the pruned model waits in OUT.pruned)")
+    p.add_argument("--recover-data", default=DistillConfig.data, help="what --recover trains on (distill's --data)")
 
     c = sub.add_parser("compare", help="methods x ratios side by side: results.json, results.md, plot",
                        **CORPORA_EPILOG)
@@ -138,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", default="ptb", help=f"comma-separated: {CORPORA} or text files ('none' to skip)")
     e.add_argument("--split", choices=["train", "valid", "test"], help=SPLIT_HELP)
     _add_ppl_options(e)
+    e.add_argument("--teacher", help="also the mean KL to this model (e.g. the dense model a pruned one came from) "
+                   "and top-1 agreement with it, on each --ppl text; it must have the same vocabulary")
     e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. boolq,piqa,hellaswag "
                                    "(hub data) or llm_bip_ptb_endings (shipped, offline)")
     e.add_argument("--include-path", action="append", type=Path,
@@ -186,32 +195,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "(llama.cpp's fallback) instead of refusing them")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    f = sub.add_parser("finetune", help="recovery fine-tuning: train LoRA adapters, merge them, write the model")
-    _add_model_options(f)
-    t = FinetuneConfig(data="")
-    f.add_argument("--data", required=True, help="training data: Alpaca-style .json/.jsonl records (instruction, "
-                   "optional input, output; loss on the response only) or plain .txt (packed windows)")
-    f.add_argument("--out", required=True, type=Path, help="output folder (written atomically); checkpoints go "
-                   "to the sibling OUT.checkpoints and are removed once the output is written")
-    f.add_argument("--overwrite", action="store_true", help="replace --out and discard an earlier run's checkpoints")
-    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints")
-    f.add_argument("--lora-r", type=int, default=t.lora_r, help="LoRA rank")
-    f.add_argument("--lora-alpha", type=int, default=t.lora_alpha, help="LoRA scale is alpha / r")
-    f.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
-    f.add_argument("--epochs", type=float, default=t.epochs)
-    f.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    f.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (linear decay to 0)")
-    f.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per process per step")
-    f.add_argument("--grad-accum", type=int, default=t.grad_accum, help="gradient accumulation steps")
-    f.add_argument("--seqlen", type=int, default=t.seqlen, help="tokens per example (longer ones are cut)")
-    f.add_argument("--save-steps", type=int, default=t.save_steps, help="checkpoint every N steps")
-    f.add_argument("--log-steps", type=int, default=t.log_steps, help="record the loss every N steps")
-    f.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                   help="keep activations (faster, more memory)")
-    f.add_argument("--seed", type=int, default=t.seed)
-    f.add_argument("--eval", default=t.eval, help="perplexity dataset before/after ('none' to skip)")
-    _add_ppl_options(f, prefix="eval-")
+    f = sub.add_parser("finetune", help="recovery with the language-model loss: train LoRA adapters (or all weights) "
+                       "on data, write the model", **CORPORA_EPILOG)
+    _add_training_options(f, FinetuneConfig(data=""), data_required=True)
+
+    k = sub.add_parser("distill", help="recovery by distillation from the unpruned teacher: train the student on "
+                       "its next-token distributions, write the student", **CORPORA_EPILOG)
+    d = DistillConfig()
+    _add_training_options(k, d, data_required=False)
+    k.add_argument("--teacher", help="the teacher (default: the model PRUNED was pruned from, as its summary names "
+                   "it); it must have the student's vocabulary")
+    k.add_argument("--teacher-dtype", choices=list(DTYPES), help="the teacher's dtype (default: --dtype)")
+    k.add_argument("--teacher-device", help="the teacher's device (default: each process's training device)")
+    k.add_argument("--temperature", type=float, default=d.temperature,
+                   help="of both distributions in the KL (the loss is scaled by its square)")
+    k.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the language-model loss beside "
+                   "the KL (weight 1)")
+    k.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
+                   help="weight of the block-output loss (student vs teacher, Minitron's intermediate loss)")
+    k.add_argument("--teacher-cache", metavar="DIR", help="keep the teacher's top-k log-probabilities of every "
+                   "training token in DIR (made once, without the student in memory; reused by every later run on "
+                   "the same examples) instead of running the teacher beside the student")
+    k.add_argument("--cache-top-k", type=int, default=d.cache_top_k,
+                   help="tokens per position in --teacher-cache (the rest of the vocabulary is one bucket)")
     return parser
+
+
+def _add_training_options(p: argparse.ArgumentParser, t: FinetuneConfig, data_required: bool) -> None:
+    """The options finetune and distill share: the model, data, LoRA or all weights, steps, checkpoints."""
+    _add_model_options(p)
+    p.add_argument("--data", required=data_required, default=None if data_required else t.data,
+                   help=f"training data: train split of {CORPORA}; mix (the calibration mix's corpora, equal "
+                        "shares); self (windows the teacher, or the model PRUNED came from, samples itself; needs "
+                        "--max-steps); Alpaca-style .json/.jsonl records (instruction, optional input, output; loss "
+                        "on the response only) or plain .txt (packed windows)"
+                        + ("" if data_required else f" (default: {t.data})"))
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically); checkpoints go "
+                   "to the sibling OUT.checkpoints and are removed once the output is written")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and discard an earlier run's checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints")
+    p.add_argument("--full", action="store_true", help="train every weight (biases of compensation and refit "
+                   "included) instead of LoRA adapters")
+    p.add_argument("--lora-r", type=int, default=t.lora_r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=t.lora_alpha, help="LoRA scale is alpha / r")
+    p.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
+    p.add_argument("--epochs", type=float, default=t.epochs)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs); the run reads steps x "
+                   "batch x processes examples")
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (linear decay to 0)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per process per step")
+    p.add_argument("--grad-accum", type=int, default=t.grad_accum, help="gradient accumulation steps")
+    p.add_argument("--seqlen", type=int, default=t.seqlen, help="tokens per example (longer ones are cut)")
+    p.add_argument("--save-steps", type=int, default=t.save_steps, help="checkpoint every N steps")
+    p.add_argument("--log-steps", type=int, default=t.log_steps, help="record the losses every N steps")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep activations (faster, more memory)")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--eval", default=t.eval, help="perplexity dataset before/after ('none' to skip)")
+    _add_ppl_options(p, prefix="eval-")
 
 
 def config_from_args(args) -> PruneConfig:
@@ -233,12 +274,27 @@ def eval_split(split: str | None, corpora: list[str]) -> str:
 
 
 def cmd_prune(args) -> None:
+    if args.recover is not None:
+        cmd_prune_and_recover(args)
+        return
     summary = run_prune(
         args.model, args.out, config_from_args(args), offload=args.offload, resume=args.resume,
         overwrite=args.overwrite, scores=args.scores, eval_dataset=args.eval, eval_seqlen=args.eval_seqlen,
         eval_max_tokens=args.eval_max_tokens, device=args.device, dtype=args.dtype,
         measure=partial(perplexity, cache=args.cache), echo=print,
     )
+    print_prune_report(summary, args.out)
+
+
+def cmd_prune_and_recover(args) -> None:
+    if args.offload:
+        raise PruneError("--recover trains the whole model in memory; prune with --offload first, then run "
+                         "llm-bip distill where the model fits (or under accelerate launch)")
+    recovery = DistillConfig(data=args.recover_data, max_steps=args.recover, seed=args.seed)
+    summary = run_prune_and_recover(
+        args.model, args.out, config_from_args(args), recovery, resume=args.resume, overwrite=args.overwrite,
+        eval_dataset=args.eval, eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens,
+        device=args.device, dtype=args.dtype, echo=print)
     print_prune_report(summary, args.out)
 
 
@@ -307,8 +363,11 @@ def cmd_eval(args) -> None:
     if names:
         with log.phase("load_tasks"):  # before the model: a task that cannot run fails fast
             tasks = load_tasks(names, args.include_path)
+    if args.teacher:
+        check_same_vocabulary(args.model, args.teacher)
     with log.phase("load"):
         model, tokenizer = load_model(args.model, args.dtype, args.device, prunable=False)
+        teacher = load_model(args.teacher, args.dtype, args.device, prunable=False)[0] if args.teacher else None
     summary = {"model": args.model, "dtype": args.dtype, "device": args.device, "perplexity": [], "zeroshot": None}
     if corpora:
         with log.phase("perplexity"):
@@ -317,6 +376,14 @@ def cmd_eval(args) -> None:
                                     cache=args.cache)
                 print(result)
                 summary["perplexity"].append(result.as_dict())
+    if teacher is not None and corpora:
+        with log.phase("agreement"):
+            summary.update(teacher=args.teacher, agreement=[])
+            for corpus in corpora:
+                result = agreement(model, teacher, tokenizer, corpus, split, args.seqlen, args.max_tokens,
+                                   args.batch_size)
+                print(result)
+                summary["agreement"].append(result.as_dict())
     if tasks:
         with log.phase("zero_shot"):
             summary["zeroshot"] = zero_shot(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit,
@@ -353,10 +420,20 @@ def cmd_export(args) -> None:
     print(export_gguf(args.model, args.out, args.type, args.overwrite, args.allow_f16_rows))
 
 
+def options_of(args, config_type):
+    """The config dataclass ``config_type`` from the parsed options of the same names."""
+    names = {f.name for f in fields(config_type)}
+    return config_type(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def cmd_finetune(args) -> None:
-    names = {f.name for f in fields(FinetuneConfig)}
-    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
-    finetune(args.model, args.out, config, args.device, args.dtype, args.overwrite, args.resume)
+    run_finetune(args.model, args.out, options_of(args, FinetuneConfig), device=args.device, dtype=args.dtype,
+                 overwrite=args.overwrite, resume=args.resume, echo=print)
+
+
+def cmd_distill(args) -> None:
+    run_distill(args.model, args.out, options_of(args, DistillConfig), device=args.device, dtype=args.dtype,
+                overwrite=args.overwrite, resume=args.resume, echo=print)
 
 
 def one_line(err: BaseException) -> str:
@@ -365,7 +442,7 @@ def one_line(err: BaseException) -> str:
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench-speed": cmd_bench_speed,
-            "report": cmd_report, "finetune": cmd_finetune, "export": cmd_export}
+            "report": cmd_report, "finetune": cmd_finetune, "distill": cmd_distill, "export": cmd_export}
 
 
 class Terminated(KeyboardInterrupt):

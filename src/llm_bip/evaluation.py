@@ -106,6 +106,43 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     return result
 
 
+@dataclass
+class Agreement:
+    """How closely a model follows a teacher on a text: the mean KL(teacher ‖ model) of the next-token
+    distributions (nats per token) and the share of positions where both rank the same token first."""
+
+    dataset: str
+    split: str | None
+    seqlen: int
+    windows: int
+    tokens: int
+    kl: float
+    top1: float
+
+    def __str__(self) -> str:
+        return (f"{text_label(self.dataset, self.split)} against the teacher: KL {self.kl:.4f} nats/token, top-1 "
+                f"agreement {100 * self.top1:.2f}% (L={self.seqlen}, {self.windows} windows, {self.tokens} tokens)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def agreement(model, teacher, tokenizer, dataset: str = "ptb", split: str = "test", seqlen: int = 128,
+              max_tokens: int | None = None, batch_size: int | None = None, progress: bool = True) -> Agreement:
+    """``model`` against ``teacher`` (same vocabulary) on the perplexity windows of ``dataset``'s ``split``."""
+    windows = text_windows(tokenizer, dataset, split, seqlen, max_tokens)
+    kl, agree, count = 0.0, 0, 0
+    for batch in tqdm(windows.split(batch_size or max(1, 2048 // seqlen)), desc="agreement", disable=not progress,
+                      leave=False):
+        student = torch_logits(model, batch)[:, :-1].float().log_softmax(-1)
+        target = torch_logits(teacher, batch)[:, :-1].to(student.device).float().log_softmax(-1)
+        kl += float(F.kl_div(student, target, log_target=True, reduction="sum"))
+        agree += int((student.argmax(-1) == target.argmax(-1)).sum())
+        count += student.shape[0] * student.shape[1]
+    return Agreement(dataset, split_label(dataset, split), seqlen, windows.shape[0], count, kl / count, agree / count)
+
+
 def measurement_key(model, windows: torch.Tensor, batch_size: int) -> str:
     """A digest of everything a perplexity depends on: the weights and config, the token windows
     (so the tokenizer and text), the batching and the library versions."""

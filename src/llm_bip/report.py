@@ -1,4 +1,4 @@
-"""Run report: a prune / finetune / eval run folder as markdown and HTML, with tables and PNG plots.
+"""Run report: a prune / finetune / distill / eval run folder as markdown and HTML, with tables and PNG plots.
 
 Every section is optional: a section appears when the run (or an extra eval / speed folder)
 holds its data. The report goes to its own folder, written atomically; the run is only read.
@@ -91,7 +91,7 @@ def load_run(run: Path, speed: Path | None = None, evals: Sequence[Path] = ()) -
     present = [name for name in RUN_FILES if (run / name).is_file()]
     if not present:
         raise PruneError(f"{run} holds none of {', '.join(RUN_FILES)}; pass a folder written by "
-                         "llm-bip prune, finetune, eval or bench-speed")
+                         "llm-bip prune, finetune, distill, eval or bench-speed")
     data = RunData(name=run.resolve().name)
     if SUMMARY_FILE in present:
         data.summary = read_json(run / SUMMARY_FILE)
@@ -230,11 +230,19 @@ def plot_scores(scores: dict[int, dict[str, np.ndarray]], path: Path) -> None:
     save_figure(fig, path)
 
 
+LOSS_LABELS = {"loss": "total", "kl": "KL to the teacher", "lm": "language model", "hidden": "block outputs"}
+
+
 def plot_loss(history: list[dict], path: Path) -> None:
+    """The training loss per logged step, and each loss of the objective where there are several."""
     plt = pyplot()
-    points = [(h["step"], h["loss"]) for h in history]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    kinds = [k for k in LOSS_LABELS if k in history[0]]
+    for kind in kinds if len(kinds) > 2 else ["loss"]:
+        points = [(h["step"], h[kind]) for h in history]
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=LOSS_LABELS[kind])
+    if len(kinds) > 2:
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(True, alpha=0.3)
@@ -354,18 +362,22 @@ def phases_section(summary: dict) -> str:
     return section("Time and memory", phases_table(phases)) if phases else ""
 
 
-def finetune_section(finetune: dict, out: Path) -> str:
-    if not finetune:
+RECOVERY_SECTIONS = {"finetune": "Fine-tuning", "distill": "Distillation"}
+
+
+def recovery_section(name: str, record: dict, out: Path) -> str:
+    """A finetune or distill section: settings, perplexity before/after, the loss curves, time and memory."""
+    if not record:
         return ""
-    settings = {k: v for k, v in finetune.items() if k not in ("perplexity", "loss_history", "phases")}
+    settings = {k: v for k, v in record.items() if k not in ("perplexity", "loss_history", "phases")}
     parts = [key_value_table(settings) if settings else ""]
-    if finetune["perplexity"]:  # empty with --eval none
-        parts.append(perplexity_table(finetune["perplexity"], label="fine-tuning"))
-    if finetune["loss_history"]:
-        plot_loss(finetune["loss_history"], out / "loss.png")
-        parts.append(image("loss.png", "training loss"))
-    parts.append(phases_table(finetune["phases"]))
-    return section("Fine-tuning", *parts)
+    if record["perplexity"]:  # empty with --eval none
+        parts.append(perplexity_table(record["perplexity"], label=RECOVERY_SECTIONS[name].lower()))
+    if record["loss_history"]:
+        plot_loss(record["loss_history"], out / f"loss-{name}.png")
+        parts.append(image(f"loss-{name}.png", f"{RECOVERY_SECTIONS[name].lower()} loss"))
+    parts.append(phases_table(record["phases"]))
+    return section(RECOVERY_SECTIONS[name], *parts)
 
 
 def zeroshot_part(zeroshot: dict) -> str:
@@ -426,7 +438,8 @@ def report_markdown(data: RunData, out: Path) -> str:
     summary = data.summary
     parts = [f"# llm-bip report: {data.name}", settings_section(summary), parameters_section(summary),
              perplexity_section(summary), widths_section(summary, out), scores_section(data.scores, out),
-             finetune_section(summary.get("finetune", {}), out), eval_section(data.evals),
+             *(recovery_section(name, summary.get(name, {}), out) for name in RECOVERY_SECTIONS),
+             eval_section(data.evals),
              speed_section(data.speed, out), phases_section(summary), versions_line(summary)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
