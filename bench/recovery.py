@@ -5,7 +5,8 @@ perplexity on slices of the valid splits (PTB, warpeace: where defaults are chos
 (PTB, sherlock) at the `--curve` steps, and at the end the whole test splits, the mean KL to the teacher and
 top-1 agreement, the training wall time and peak memory. Rows run one after another; a finished row is kept.
 
-    python bench/recovery.py RUNS kd-lora-20 lm-lora-20 ... [--curve 60,240] [--whole]
+    python bench/recovery.py RUNS kd-lora-20 "kd-lora-20:lm_weight=1" lm-lora-20 ... [--steps 480] [--curve 100,240]
+        [--whole]
     python bench/recovery.py RUNS --table      # the markdown tables of every row measured so far
 
 RUNS holds bip-20 and bip-50 (`llm-bip prune --ratio 0.2 --out RUNS/bip-20 --eval none`, then
@@ -34,9 +35,9 @@ VALID = (("ptb", "valid"), ("warpeace", "valid"))
 TEST = (("ptb", "test"), ("sherlock", "test"))
 RESULTS_FILE = RESULTS / "recovery.json"
 COMMON = dict(data="warpeace", batch_size=4, seqlen=256, eval="none")
-LM = FinetuneConfig(**COMMON, lr=1e-3)
+LM = FinetuneConfig(**COMMON)
 KD = DistillConfig(**COMMON)
-# name -> (command, model: "dense" or a pruned ratio, config)
+# name -> (command, model: "dense" or a pruned ratio, config); a row may override config fields: "kd-lora-20:lr=3e-3"
 ROWS = {
     "dense": ("none", "dense", None),
     "none-20": ("none", "20", None),
@@ -44,21 +45,50 @@ ROWS = {
     "lm-lora-dense": ("finetune", "dense", LM),
     "lm-lora-20": ("finetune", "20", LM),
     "lm-lora-50": ("finetune", "50", LM),
-    "kd-lora-20": ("distill", "20", KD),
-    "kd-lora-50": ("distill", "50", KD),
+    "kd-lora-20": ("distill", "20", replace(KD, full=False)),
+    "kd-lora-50": ("distill", "50", replace(KD, full=False)),
     "kd-full-20": ("distill", "20", replace(KD, full=True, lr=1e-4)),
     "kd-full-50": ("distill", "50", replace(KD, full=True, lr=1e-4)),
-    "kd-lm-20": ("distill", "20", replace(KD, lm_weight=1.0)),
-    "kd-hidden-20": ("distill", "20", replace(KD, hidden_weight=1.0)),
-    "kd-self-20": ("distill", "20", replace(KD, data="self")),
-    "kd-cache-20": ("distill", "20", replace(KD, teacher_cache="teacher-cache")),
-    # learning rates, chosen on the valid slices at 100 steps
+    "kd-default-20": ("distill", "20", KD),  # distill's defaults as shipped
+    "kd-default-50": ("distill", "50", KD),
+    # the first learning-rate round (100 steps), under its names of then
     **{f"tune-lm-lora-{lr}": ("finetune", "20", replace(LM, lr=float(lr))) for lr in ("2e-4", "1e-3")},
-    **{f"tune-kd-lora-{lr}": ("distill", "20", replace(KD, lr=float(lr))) for lr in ("3e-4", "1e-3", "3e-3")},
+    **{f"tune-kd-lora-{lr}": ("distill", "20", replace(KD, full=False, lr=float(lr)))
+       for lr in ("3e-4", "1e-3", "3e-3")},
     **{f"tune-kd-full-{lr}": ("distill", "20", replace(KD, full=True, lr=float(lr)))
        for lr in ("3e-5", "1e-4", "3e-4")},
-    "tune-kd-lora-t2": ("distill", "20", replace(KD, temperature=2.0)),
+    "tune-kd-lora-t2": ("distill", "20", replace(KD, full=False, temperature=2.0)),
 }
+
+
+def parse_row(spec: str) -> tuple[str, str, object]:
+    """(command, model, config) of "NAME[:field=value,...]"."""
+    name, _, overrides = spec.partition(":")
+    if name not in ROWS:
+        raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+    command, model, config = ROWS[name]
+    fields = dict(item.split("=", 1) for item in overrides.split(",") if item)
+    if fields and config is None:
+        raise SystemExit(f"{name} trains nothing; it takes no options")
+    if not fields:
+        return command, model, config
+    return command, model, replace(config, **{k: field_value(getattr(config, k), v) for k, v in fields.items()})
+
+
+def field_value(default, text: str):
+    """``text`` as the type of the field's default; a field that defaults to None takes a number or a string."""
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if default is not None:
+        return type(default)(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def row_key(spec: str, steps: int | None) -> str:
+    return spec if steps is None else f"{spec}@{steps}"
 
 
 def model_path(runs: Path, model: str) -> str:
@@ -97,43 +127,79 @@ class Curve(TrainerCallback):
             print(f"step {state.global_step}: {self.points[state.global_step]}", flush=True)
 
 
-def run_row(name: str, runs: Path, curve: set[int], whole: bool, teacher, teacher_tokenizer) -> dict:
-    command, model, config = ROWS[name]
+def run_row(spec: str, runs: Path, steps: int, curve: set[int], whole: bool, teacher, teacher_tokenizer) -> dict:
+    command, model, config = parse_row(spec)
     source = model_path(runs, model)
-    record = {"row": name, "command": command, "model": model}
+    record = {"row": spec, "command": command, "model": model}
     if command == "none":
         student, tokenizer = load_model(source)
-        return {**record, "final": final_measures(student, tokenizer, teacher, whole)}
-    max_steps = 100 if name.startswith("tune-") else max(curve) if curve else 480
-    config = replace(config, max_steps=max_steps)
-    if config.teacher_cache is not None and isinstance(config, DistillConfig):
+        return {**record, "key": row_key(spec, None), "final": final_measures(student, tokenizer, teacher, whole)}
+    config = replace(config, max_steps=steps)
+    if isinstance(config, DistillConfig) and config.teacher_cache is not None:
         config = replace(config, teacher_cache=str(runs / config.teacher_cache))
-    out = runs / "rows" / name
-    points = Curve({s for s in curve if s < max_steps}, teacher_tokenizer)
+    out = runs / "rows" / row_key(spec, steps)
+    points = Curve({s for s in curve if s < steps}, teacher_tokenizer)
     job = run_finetune if command == "finetune" else run_distill
     summary = job(source, out, config, overwrite=True, callbacks=[points], echo=print)[command]
     student, tokenizer = load_model(str(out))
     train = summary["phases"]["train"]
-    return {**record, "config": summary["config"], "steps": summary["steps"],
+    return {**record, "key": row_key(spec, steps), "config": summary["config"], "steps": summary["steps"],
             "training_tokens": summary["training_tokens"], "train_wall_s": round(train["wall_s"] - points.seconds, 1),
             "train_peak_rss_mb": train["peak_rss_mb"], "phases": summary["phases"],
             "last_loss": summary["loss_history"][-1], "curve": points.points,
-            "final": final_measures(student, tokenizer, teacher, whole and not name.startswith("tune-"))}
+            "final": final_measures(student, tokenizer, teacher, whole)}
 
 
 def load_results() -> dict[str, dict]:
-    return {r["row"]: r for r in json.loads(RESULTS_FILE.read_text())} if RESULTS_FILE.is_file() else {}
+    records = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else []
+    return {r.get("key", r["row"]): r for r in records}
 
 
 def save_results(results: dict[str, dict]) -> None:
     RESULTS_FILE.write_text(json.dumps(list(results.values()), indent=1) + "\n")
 
 
-def table(results: dict[str, dict]) -> str:
-    columns = ["row", "steps", "training_tokens", "train_wall_s", "ptb/valid", "warpeace/valid", "ptb/test",
-               "sherlock/test", "ptb/test whole", "sherlock/test whole", "kl ptb/test", "top1 ptb/test",
-               "kl sherlock/test", "top1 sherlock/test"]
-    rows = [[r.get(c, r["final"].get(c)) for c in columns] for r in results.values()]
+def learning_rate(record: dict) -> float | None:
+    return record.get("learning_rate", record.get("config", {}).get("lr"))
+
+
+def reference(key: str, record: dict, results: dict[str, dict]) -> str | None:
+    """The row a recovered model is measured against: the teacher for distillation; for the LM loss, the dense
+    model trained the same way (same steps and learning rate), so that adaptation to the text is not counted."""
+    if record["command"] == "distill" or (record["command"] == "none" and record["model"] != "dense"):
+        return "dense"
+    if record["command"] == "finetune" and record["model"] != "dense":
+        return next((k for k, r in results.items() if r["command"] == "finetune" and r["model"] == "dense"
+                     and r.get("steps") == record.get("steps") and learning_rate(r) == learning_rate(record)), None)
+    return None
+
+
+def measure(record: dict, text: str) -> tuple[float | None, str]:
+    """A test text's perplexity: the whole split where measured, else the slice."""
+    final = record["final"]
+    return (final[f"{text} whole"], "whole") if f"{text} whole" in final else (final.get(text), "slice")
+
+
+def table(results: dict[str, dict], keys: list[str]) -> str:
+    """One row per key: budget, time, valid slices, test perplexities and their multiple of the reference
+    (both whole splits, else both slices), closeness to the teacher."""
+    columns = ["row", "tokens", "train min", "ptb valid", "warpeace valid", "reference", "ptb test", "x ref",
+               "sherlock test", "x ref ", "KL ptb", "KL sherlock", "top-1 ptb", "top-1 sherlock"]
+    rows = []
+    for key in keys:
+        record, ref = results[key], reference(key, results[key], results)
+        row = [key, record.get("training_tokens"), record["train_wall_s"] / 60 if "train_wall_s" in record else None,
+               record["final"]["ptb/valid"], record["final"]["warpeace/valid"], ref]
+        for text in ("ptb/test", "sherlock/test"):
+            value, kind = measure(record, text)
+            ref_value, ref_kind = measure(results[ref], text) if ref in results else (None, kind)
+            if ref_kind != kind:  # compare like with like: both slices
+                value, ref_value = record["final"].get(text), results[ref]["final"].get(text)
+            row += [value, value / ref_value if value and ref_value else None]
+        final = record["final"]
+        row += [final.get("kl ptb/test"), final.get("kl sherlock/test"), final.get("top1 ptb/test"),
+                final.get("top1 sherlock/test")]
+        rows.append(row)
     return markdown_table(columns, [[f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v) for v in row]
                                     for row in rows])
 
@@ -141,31 +207,32 @@ def table(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
-    parser.add_argument("rows", nargs="*", metavar="ROW", help=f"rows to measure: {', '.join(ROWS)}")
-    parser.add_argument("--curve", default="", help="steps at which to measure the slices during training; the "
-                        "largest is the run's length (default 480)")
+    parser.add_argument("rows", nargs="*", metavar="ROW",
+                        help=f"NAME[:field=value,...]; names: {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=480, help="training steps of each row (4 x 256 tokens each)")
+    parser.add_argument("--curve", default="", help="earlier steps at which to measure the slices during training")
     parser.add_argument("--whole", action="store_true", help="also measure the whole test splits at the end")
     parser.add_argument("--rerun", action="store_true", help="measure rows again that the results file holds")
     parser.add_argument("--table", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     results = load_results()
     if args.table:
-        print(table(results))
+        print(table(results, list(results)))
         return
+    for spec in args.rows:
+        parse_row(spec)  # a bad row fails before any work
     teacher, tokenizer = load_model("smollm2")
     curve = {int(s) for s in args.curve.split(",") if s}
-    unknown = [name for name in args.rows if name not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows: {', '.join(unknown)}")
-    for name in args.rows:
-        if name in results and not args.rerun:
+    for spec in args.rows:
+        key = row_key(spec, None if ROWS[spec.partition(":")[0]][0] == "none" else args.steps)
+        if key in results and not args.rerun:
             continue
         start = time.perf_counter()
-        results[name] = {**run_row(name, args.runs, curve, args.whole, teacher, tokenizer),
-                         "row_wall_s": round(time.perf_counter() - start, 1)}
+        results[key] = {**run_row(spec, args.runs, args.steps, curve, args.whole, teacher, tokenizer),
+                        "row_wall_s": round(time.perf_counter() - start, 1)}
         save_results(results)
-        print(f"{name}: {results[name]['final']}", flush=True)
-    (RESULTS / "recovery.md").write_text(table(results) + "\n")
+        print(f"{key}: {results[key]['final']}", flush=True)
+    (RESULTS / "recovery.md").write_text(table(results, list(results)) + "\n")
 
 
 if __name__ == "__main__":

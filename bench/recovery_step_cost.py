@@ -56,7 +56,8 @@ def measure_one(student: str, mode: str, steps: int, cache: str) -> dict:
     times = StepTimes()
     with tempfile.TemporaryDirectory() as out:
         section = job(student, Path(out) / "model", config, callbacks=[times])[command]
-    return {"step_s": statistics.median(times.times[1:]), "train_peak_rss_mb": section["phases"]["train"]["peak_rss_mb"]}
+    return {"step_s": statistics.median(times.times[1:]),
+            "train_peak_rss_mb": section["phases"]["train"]["peak_rss_mb"]}
 
 
 def weights_mb(source: str) -> float:

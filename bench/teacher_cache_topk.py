@@ -26,7 +26,7 @@ def loss_and_gradient(student_logits: torch.Tensor, teacher, mask: torch.Tensor)
     logits = student_logits.detach().requires_grad_(True)
     loss = kl_sum(logits, teacher, mask)
     loss.backward()
-    return float(loss), logits.grad.flatten()
+    return float(loss.detach()), logits.grad.flatten()
 
 
 def main() -> None:
@@ -58,14 +58,16 @@ def main() -> None:
         del s, t
     vocab = teacher.config.vocab_size
     results = [{"k": "full", "kl_per_token": full_kl / positions, "kl_share": 1.0, "gradient_cosine": 1.0,
+                "gradient_norm_ratio": 1.0,
                 "mib_per_1M_tokens": vocab * 4 / 2**20 * 1e6}]
     for k, row in rows.items():
         results.append({"k": k, "kl_per_token": row["kl"] / positions, "kl_share": row["kl"] / full_kl,
                         "gradient_cosine": row["dot"] / (row["norm"] * full_norm) ** 0.5,
+                        "gradient_norm_ratio": (row["norm"] / full_norm) ** 0.5,
                         "mib_per_1M_tokens": (k * BYTES_PER_ENTRY + 4) / 2**20 * 1e6})
     print(f"{args.windows} windows of {args.seqlen} tokens, {positions} positions; vocabulary {vocab}")
     print(write_rows("teacher_cache_topk", results, ["k", "kl_per_token", "kl_share", "gradient_cosine",
-                                                     "mib_per_1M_tokens"]))
+                                                     "gradient_norm_ratio", "mib_per_1M_tokens"]))
 
 
 if __name__ == "__main__":

@@ -268,17 +268,18 @@ def test_split_of_a_file_is_refused(capsys, tiny_model_dir, calib_text_file):
 
 # --------------------------------------------------------------------------- the perplexity cache
 
-def test_perplexity_cache_reuses_only_identical_measurements(monkeypatch, tiny_model_dir, calib_text_file):
+def test_perplexity_cache_reuses_only_identical_measurements(monkeypatch, tmp_path, tiny_model_dir, calib_text_file):
     from llm_bip import load_model
 
+    monkeypatch.setenv("LLM_BIP_CACHE", str(tmp_path / "cache"))  # empty: no other test's measurement in it
     model, tokenizer = load_model(str(tiny_model_dir))
     args = (model, tokenizer, str(calib_text_file), "test", 16, 160)
     first = perplexity(*args, cache=True, progress=False)
     assert not first.cached
-    monkeypatch.setattr("llm_bip.evaluation.window_nll", lambda *a, **k: pytest.fail("measured again"))
-    again = perplexity(*args, cache=True, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr("llm_bip.evaluation.window_nll", lambda *a, **k: pytest.fail("measured again"))
+        again = perplexity(*args, cache=True, progress=False)
     assert again.cached and again.as_dict() == first.as_dict()
-    monkeypatch.undo()
     assert not perplexity(*args, progress=False).cached  # cache=False always measures
     assert not perplexity(model, tokenizer, str(calib_text_file), "test", 32, 160, cache=True, progress=False).cached
     with torch.no_grad():

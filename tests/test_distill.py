@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from llm_bip import PruneConfig, PruneError
-from llm_bip.checkpoint import load_model
+from llm_bip.checkpoint import cache_dir, load_model
 from llm_bip.cli import main
 from llm_bip.losses import IGNORE_INDEX, hidden_sum, kl_sum, lm_sum, predicting, top_k
 from llm_bip.evaluation import agreement, text_windows
 from llm_bip.outputs import EVAL_FILE, SUMMARY_FILE
 from llm_bip.pipeline import is_finished, pruned_stage, run_prune_and_recover
-from llm_bip.recovery import DistillConfig, run_distill
+from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
+from llm_bip.selfcalib import self_calibration_ids
 from llm_bip.teacher import OnlineTeacher
 from llm_bip.teacher_cache import CachedExamples, build_cache, cache_key, teacher_top_k
 from llm_bip.training import Collator, trainable, training_arguments, train
@@ -280,6 +281,18 @@ def test_prune_and_recover_resumes_at_the_phase_it_stopped_in(tiny_model_dir, ca
     assert not pruned_stage(out).exists()
 
 
+def test_prune_recover_through_the_cli(capsys, tiny_model_dir, calib_text_file, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir), "--out", str(out), "--calibration", str(calib_text_file),
+                 "--samples", "4", "--calib-seqlen", "16", "--eval", "none",
+                 "--recover", "1", "--recover-data", str(data_file)]) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["distill"]["steps"] == 1 and summary["distill"]["teacher"]["source"] == str(tiny_model_dir)
+    assert summary["distill"]["data"]["source"] == str(data_file)
+    assert not pruned_stage(out).exists()
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
 def test_recover_refuses_offload(capsys, tiny_model_dir, work):
     out = work / "out"
     assert_fails_cleanly(capsys, ["prune", str(tiny_model_dir), "--out", str(out), "--offload", "--recover", "3"],
@@ -307,6 +320,16 @@ def test_self_data_is_what_the_writer_samples(tiny_model_dir):
 def test_self_data_distills_without_any_text(student_dir, tmp_path):
     section = run_distill(str(student_dir), tmp_path / "out", config_for("self"))["distill"]
     assert section["data"]["format"] == "self" and section["data"]["examples"] == 6
+
+
+def test_finetune_on_self_data_samples_the_parent(student_dir, tiny_model_dir, tmp_path):
+    parent, tokenizer = load_model(str(tiny_model_dir))
+    assert self_calibration_ids(parent, tokenizer, 6, 16, 0, 2).shape == (6, 16)  # the parent's windows, cached
+    entries = sorted((cache_dir() / "calibration").iterdir())
+    section = run_finetune(str(student_dir), tmp_path / "out", FinetuneConfig(
+        data="self", seqlen=16, batch_size=2, max_steps=3, eval="none"))["finetune"]
+    assert section["data"] == {"source": "self", "format": "self", "examples": 6, "tokens": 96, "loss_tokens": 90}
+    assert sorted((cache_dir() / "calibration").iterdir()) == entries  # the same windows: read from the cache
 
 
 def test_a_corpus_trains_on_its_train_split():
@@ -413,5 +436,5 @@ def test_a_cache_made_for_other_examples_is_refused(capsys, student_dir, data_fi
 def test_fsdp_with_lora_is_refused(capsys, student_dir, data_file, work, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     out = work / "out"
-    assert_fails_cleanly(capsys, ["distill", str(student_dir), "--data", str(data_file), "--out", str(out), *FAST],
-                         out, [student_dir, data_file], "FSDP", "--full")
+    argv = ["distill", str(student_dir), "--data", str(data_file), "--out", str(out), "--no-full", *FAST]
+    assert_fails_cleanly(capsys, argv, out, [student_dir, data_file], "FSDP", "--full")

@@ -212,8 +212,8 @@ def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_fi
     finetune = part(md, "## Fine-tuning")
     settings_table, ppl_table, phases_table = tables(finetune)
     settings = dict(row[:2] for row in settings_table[1:])
-    assert {k: settings[k] for k in ("steps", "lora.r", "lora.alpha", "config.lr", "resumed_from")} == {
-        "steps": "3", "lora.r": "8", "lora.alpha": "16", "config.lr": "0.0002", "resumed_from": "-"}
+    assert {k: settings[k] for k in ("steps", "lora.r", "lora.alpha", "learning_rate", "resumed_from")} == {
+        "steps": "3", "lora.r": "8", "lora.alpha": "16", "learning_rate": "0.0002", "resumed_from": "-"}
     assert settings["data.examples"] == f"{record['data']['examples']:,}"
     assert settings["lora.targets"] == ", ".join(record["lora"]["targets"])
     assert settings["checksums"] == record["checksums"][0]

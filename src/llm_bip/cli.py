@@ -234,15 +234,17 @@ def _add_training_options(p: argparse.ArgumentParser, t: FinetuneConfig, data_re
                    "to the sibling OUT.checkpoints and are removed once the output is written")
     p.add_argument("--overwrite", action="store_true", help="replace --out and discard an earlier run's checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints")
-    p.add_argument("--full", action="store_true", help="train every weight (biases of compensation and refit "
-                   "included) instead of LoRA adapters")
+    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=t.full,
+                   help="train every weight (biases of compensation and refit included); --no-full: LoRA adapters "
+                        f"(default: {'--full' if t.full else '--no-full'})")
     p.add_argument("--lora-r", type=int, default=t.lora_r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=int, default=t.lora_alpha, help="LoRA scale is alpha / r")
     p.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
     p.add_argument("--epochs", type=float, default=t.epochs)
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs); the run reads steps x "
                    "batch x processes examples")
-    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (linear decay to 0)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate, decaying linearly to 0 (default: {t.FULL_LR:g} "
+                   f"with --full, {t.LORA_LR:g} with LoRA)")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per process per step")
     p.add_argument("--grad-accum", type=int, default=t.grad_accum, help="gradient accumulation steps")
     p.add_argument("--seqlen", type=int, default=t.seqlen, help="tokens per example (longer ones are cut)")

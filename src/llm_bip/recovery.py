@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
@@ -49,7 +49,9 @@ class DistillConfig(TrainConfig):
     from. Defaults chosen by bench/recovery.py on validation text (docs/results.md)."""
 
     data: str = "mix"
-    lr: float = 1e-3
+    full: bool = True
+    LORA_LR: ClassVar[float] = 3e-3
+    FULL_LR: ClassVar[float] = 3e-4
     temperature: float = 1.0
     lm_weight: float = 0.0
     hidden_weight: float = 0.0

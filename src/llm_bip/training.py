@@ -16,7 +16,7 @@ import importlib.metadata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -46,7 +46,7 @@ class TrainConfig:
     full: bool = False  # train every weight of the model instead of LoRA adapters
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
-    lr: float = 2e-4
+    lr: float | None = None  # default: LORA_LR, or FULL_LR with ``full``
     batch_size: int = 4
     grad_accum: int = 1
     seqlen: int = 256
@@ -58,12 +58,20 @@ class TrainConfig:
     eval_seqlen: int = 128
     eval_max_tokens: int | None = None
     cache: bool = True  # reuse an identical earlier perplexity measurement (evaluation.perplexity)
+    LORA_LR: ClassVar[float] = 2e-4
+    FULL_LR: ClassVar[float] = 1e-4  # not tuned: the benchmark trains LoRA with the LM loss
+
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``lr``, else the default for LoRA or for all weights."""
+        if self.lr is not None:
+            return self.lr
+        return self.FULL_LR if self.full else self.LORA_LR
 
     def validate(self) -> None:
         if min(self.lora_r, self.lora_alpha, self.batch_size, self.grad_accum, self.save_steps, self.log_steps) < 1:
             raise PruneError("--lora-r, --lora-alpha, --batch-size, --grad-accum, --save-steps and --log-steps "
                              "must be positive")
-        if self.seqlen < 2 or not 0 <= self.lora_dropout < 1 or self.lr <= 0:
+        if self.seqlen < 2 or not 0 <= self.lora_dropout < 1 or self.learning_rate() <= 0:
             raise PruneError("--seqlen must be at least 2, --lora-dropout in [0, 1) and --lr positive")
         if (self.max_steps is not None and self.max_steps < 1) or self.epochs <= 0:
             raise PruneError("--max-steps and --epochs must be positive")
@@ -232,7 +240,7 @@ def training_arguments(config: TrainConfig, checkpoints: Path, device: str) -> T
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1, learning_rate=config.lr, logging_steps=config.log_steps,
+        max_steps=config.max_steps or -1, learning_rate=config.learning_rate(), logging_steps=config.log_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (peft)
@@ -288,6 +296,7 @@ def run_record(config: TrainConfig, data: TrainingData, args: TrainingArguments,
     examples_read = trainer.state.global_step * per_step
     record = {
         "device": str(args.device), "data": described, "config": asdict(config), "world_size": args.world_size,
+        "learning_rate": config.learning_rate(),
         "effective_batch_size": per_step, "steps": trainer.state.global_step, "epochs_done": trainer.state.epoch,
         "training_tokens": round(examples_read * described["tokens"] / described["examples"]),
         "loss_history": loss_history(trainer),
