@@ -87,10 +87,6 @@ def field_value(default, text: str):
         return text
 
 
-def row_key(spec: str, steps: int | None) -> str:
-    return spec if steps is None else f"{spec}@{steps}"
-
-
 def model_path(runs: Path, model: str) -> str:
     return "smollm2" if model == "dense" else str(runs / f"bip-{model}")
 
@@ -127,13 +123,18 @@ class Curve(TrainerCallback):
             print(f"step {state.global_step}: {self.points[state.global_step]}", flush=True)
 
 
+def row_key(spec: str, steps: int) -> str:
+    """The results file's key of a row: its spec, and for a trained row the steps."""
+    return spec if ROWS[spec.partition(":")[0]][0] == "none" else f"{spec}@{steps}"
+
+
 def run_row(spec: str, runs: Path, steps: int, curve: set[int], whole: bool, teacher, teacher_tokenizer) -> dict:
     command, model, config = parse_row(spec)
     source = model_path(runs, model)
     record = {"row": spec, "command": command, "model": model}
     if command == "none":
         student, tokenizer = load_model(source)
-        return {**record, "key": row_key(spec, None), "final": final_measures(student, tokenizer, teacher, whole)}
+        return {**record, "key": row_key(spec, steps), "final": final_measures(student, tokenizer, teacher, whole)}
     config = replace(config, max_steps=steps)
     if isinstance(config, DistillConfig) and config.teacher_cache is not None:
         config = replace(config, teacher_cache=str(runs / config.teacher_cache))
@@ -163,7 +164,7 @@ def learning_rate(record: dict) -> float | None:
     return record.get("learning_rate", record.get("config", {}).get("lr"))
 
 
-def reference(key: str, record: dict, results: dict[str, dict]) -> str | None:
+def reference(record: dict, results: dict[str, dict]) -> str | None:
     """The row a recovered model is measured against: the teacher for distillation; for the LM loss, the dense
     model trained the same way (same steps and learning rate), so that adaptation to the text is not counted."""
     if record["command"] == "distill" or (record["command"] == "none" and record["model"] != "dense"):
@@ -187,7 +188,7 @@ def table(results: dict[str, dict], keys: list[str]) -> str:
                "sherlock test", "x ref ", "KL ptb", "KL sherlock", "top-1 ptb", "top-1 sherlock"]
     rows = []
     for key in keys:
-        record, ref = results[key], reference(key, results[key], results)
+        record, ref = results[key], reference(results[key], results)
         row = [key, record.get("training_tokens"), record["train_wall_s"] / 60 if "train_wall_s" in record else None,
                record["final"]["ptb/valid"], record["final"]["warpeace/valid"], ref]
         for text in ("ptb/test", "sherlock/test"):
@@ -224,7 +225,7 @@ def main() -> None:
     teacher, tokenizer = load_model("smollm2")
     curve = {int(s) for s in args.curve.split(",") if s}
     for spec in args.rows:
-        key = row_key(spec, None if ROWS[spec.partition(":")[0]][0] == "none" else args.steps)
+        key = row_key(spec, args.steps)
         if key in results and not args.rerun:
             continue
         start = time.perf_counter()
