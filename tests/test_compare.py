@@ -1,13 +1,19 @@
 """The compare command end to end on a tiny model (the full table is a benchmark, not a test)."""
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
+from tiny_models import calibration_text
 
+from llm_bip.checkpoint import load_model
 from llm_bip.cli import main
-from llm_bip.compare import parse_method
+from llm_bip.compare import CompareSpec, parse_method, run_compare
+from llm_bip.evaluation import perplexity
 from llm_bip.errors import PruneError
-from llm_bip.pruner import PruneConfig
+from llm_bip.pruner import PruneConfig, Pruner
+from llm_bip.selfcalib import calibration_batch
 
 
 def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
@@ -27,7 +33,7 @@ def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
     for r in rows[1:]:
         assert r["block_ratio"] == pytest.approx(r["ratio"], abs=0.03)
         assert r["prune_wall_s"] > 0 and r["prune_peak_rss_mb"] > 0
-        floor = results["floor_forward"]["wall_s"]
+        floor = results["calibrations"][0]["floor_forward"]["wall_s"]
         assert r["time_vs_forward"] == pytest.approx(r["prune_wall_s"] / floor, rel=0.2, abs=0.1)
     assert rows[-1]["config"]["sequential"] is True and rows[-1]["config"]["allocation"] == "global"
     table = (out / "results.md").read_text()
@@ -59,3 +65,32 @@ def test_compare_checks_every_option_before_loading(tmp_path, capsys, option, va
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words) and "no-such-model" not in err, err
+
+
+def test_each_method_prunes_on_its_own_calibration(tiny_model_dir, calib_text_file, tmp_path):
+    """A row that names its own calibration is pruned on that batch (built once, timed once) and says so."""
+    other = tmp_path / "other.txt"
+    other.write_text(calibration_text(seed=1))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    base = PruneConfig(calibration=str(calib_text_file), n_samples=4, seqlen=16, batch_size=2)
+    spec = CompareSpec(methods=["bip", f"bip:calibration={other}", f"flap:calibration={other}"], ratios=[0.3],
+                       seqlens=[16], datasets=[str(calib_text_file)], base=base)
+    results = run_compare(model, tokenizer, spec)
+    assert [c["calibration"] for c in results["calibrations"]] == [str(calib_text_file), str(other)]
+    assert all(c["tokens"] == 4 * 16 for c in results["calibrations"])
+    rows = results["rows"][1:]
+    assert [r["config"]["calibration"] for r in rows] == [str(calib_text_file), str(other), str(other)]
+    direct = copy.deepcopy(model)
+    config = replace(base, calibration=str(other), ratio=0.3)
+    Pruner(direct, config).run(calibration_batch(model, tokenizer, config))
+    expected = perplexity(direct, tokenizer, str(calib_text_file), "test", 16).ppl
+    assert rows[1]["ppl"][f"{calib_text_file}@16"]["ppl"] == expected
+    assert rows[0]["ppl"][f"{calib_text_file}@16"]["ppl"] != expected
+
+
+def test_compare_checks_every_methods_calibration_before_loading(tmp_path, capsys):
+    argv = ["compare", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x"),
+            "--methods", f"bip,flap:calibration={tmp_path / 'missing.txt'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "no-such-model" not in err, err

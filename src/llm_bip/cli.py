@@ -326,10 +326,6 @@ def cmd_compare(args) -> None:
     check_device(args.device, args.dtype)
     datasets = [d for d in args.ppl.split(",") if d]
     split = eval_split(args.split, datasets)
-    check_output_folder(args.out, args.overwrite, local_inputs(args.model, args.calibration, *datasets))
-    check_calibration_source(args.calibration)
-    for source in datasets:
-        check_text_source(source)
     base = PruneConfig(calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
                        batch_size=args.batch_size, seed=args.seed)
     spec = CompareSpec(
@@ -337,10 +333,16 @@ def cmd_compare(args) -> None:
         ratios=_ratios(args.ratios), seqlens=parse_sizes(args.seqlens, "--seqlens"),
         datasets=datasets, split=split, max_tokens=args.max_tokens,
     )
-    for method in spec.methods:  # fail on a bad spec before any long work
-        config = parse_method(method, base)[1]
+    configs = [parse_method(method, base)[1] for method in spec.methods]
+    for config in configs:  # fail on a bad spec before any long work
         for ratio in spec.ratios:
             replace(config, ratio=ratio).resolved().check()
+    sources = sorted({config.calibration for config in configs})
+    check_output_folder(args.out, args.overwrite, local_inputs(args.model, *sources, *datasets))
+    for source in sources:
+        check_calibration_source(source)
+    for source in datasets:
+        check_text_source(source)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     results = run_compare(model, tokenizer, spec, on_row=print_row)
     results["model"] = args.model

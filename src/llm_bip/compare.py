@@ -1,9 +1,10 @@
-"""Side-by-side benchmark: methods x ratios on one model, same engine, same calibration data.
+"""Side-by-side benchmark: methods x ratios on one model, same engine, same calibration data
+unless a method asks for its own (``bip:calibration=ptb``).
 
 Each row prunes a fresh copy of the model and records perplexity at every window length, the
-pruning step's wall time and peak memory, and sizes. One plain forward pass over the same
-calibration data is timed too: the physical floor of a one-pass method, so every method's
-cost is also given as a ratio to it. Writes results.json, results.md and ppl_vs_ratio.png.
+pruning step's wall time and peak memory, and sizes. One plain forward pass over each calibration
+batch is timed too: the physical floor of a one-pass method, so every method's cost is also given
+as a ratio to the floor of the batch it pruned on. Writes results.json, results.md and ppl_vs_ratio.png.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .selfcalib import calibration_batch
 from .tables import markdown_table
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
+# the settings that decide a calibration batch ('self' samples batch_size windows at a time)
+CALIBRATION_FIELDS = ("calibration", "n_samples", "seqlen", "seed", "batch_size")
 
 
 @dataclass
@@ -88,35 +91,64 @@ def evaluate(model, tokenizer, spec: CompareSpec) -> dict[str, dict]:
     }
 
 
+@dataclass
+class Calibration:
+    """One calibration batch of a compare run, its settings and the forward floor measured on it."""
+
+    settings: dict
+    ids: torch.Tensor
+    floor: dict
+
+    def describe(self) -> dict:
+        return {**self.settings, "tokens": self.ids.numel(), "floor_forward": self.floor}
+
+
+def calibration_settings(config: PruneConfig) -> dict:
+    return {name: getattr(config, name) for name in CALIBRATION_FIELDS}
+
+
+def calibrations(model, tokenizer, configs: list[PruneConfig]) -> dict[str, Calibration]:
+    """One batch (and its forward floor) per distinct calibration setting among ``configs``, each built once."""
+    found: dict[str, Calibration] = {}
+    for config in configs:
+        settings = calibration_settings(config)
+        key = json.dumps(settings, sort_keys=True)
+        if key not in found:
+            ids = calibration_batch(model, tokenizer, config)
+            found[key] = Calibration(settings, ids, forward_floor(model, ids, config.batch_size))
+    return found
+
+
 def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], None] | None = None) -> dict:
-    """Every (method, ratio) row plus the dense row; ``on_row`` sees each row as it completes
-    (long runs report progress); nothing is written here."""
-    base = spec.base
-    calib = calibration_batch(model, tokenizer, base)
+    """Every (method, ratio) row plus the dense row; each method prunes on the calibration its options name
+    (the base's unless it sets its own); ``on_row`` sees each row as it completes (long runs report progress);
+    nothing is written here."""
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
-            for label, config in map(partial(parse_method, base=base), spec.methods) for ratio in spec.ratios]
+            for label, config in map(partial(parse_method, base=spec.base), spec.methods) for ratio in spec.ratios]
     for _, config in grid:  # every option and budget checked before the long part
         Pruner(model, config)
-    floor = forward_floor(model, calib, base.batch_size)
+    batches = calibrations(model, tokenizer, [config for _, config in grid])
     report = on_row or (lambda row: None)
     rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
              "params_model": sum(p.numel() for p in model.parameters())}]
     report(rows[0])
     for label, config in grid:
+        calibration = batches[json.dumps(calibration_settings(config), sort_keys=True)]
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
-        result = Pruner(pruned, config).run(calib)
+        result = Pruner(pruned, config).run(calibration.ids)
         wall = time.perf_counter() - start
         rows.append({
             "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),
             "block_ratio": round(result.block_ratio, 6), "params_model": result.params["model_after"],
             "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 3),
             "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
-            "time_vs_forward": round(wall / max(floor["wall_s"], 1e-3), 2), "config": result.summary()["config"],
+            "time_vs_forward": round(wall / max(calibration.floor["wall_s"], 1e-3), 2),
+            "config": result.summary()["config"],
         })
         report(rows[-1])
         del pruned
-    return {"floor_forward": floor, "calibration_tokens": calib.numel(), "rows": rows,
+    return {"calibrations": [c.describe() for c in batches.values()], "rows": rows,
             "spec": {"methods": spec.methods, "ratios": spec.ratios, "seqlens": spec.seqlens,
                      "datasets": spec.datasets, "split": spec.split, "max_tokens": spec.max_tokens},
             "versions": library_versions()}
@@ -130,10 +162,11 @@ def results_table(results: dict) -> str:
     cells = [[r["method"], f"{r['ratio']:.2f}", *[f"{r['ppl'][k]['ppl']:.2f}" for k in keys], f"{r['params_model']:,}",
               r.get("prune_wall_s", "-"), r.get("time_vs_forward", "-"), r.get("prune_peak_rss_mb", "-")] for r in rows]
     first = rows[0]["ppl"][keys[0]]
-    floor = results["floor_forward"]
+    floors = "; ".join(f"over the {c['tokens']:,} tokens of calibration {c['calibration']!r} "
+                       f"{c['floor_forward']['wall_s']} s (peak RSS {c['floor_forward']['peak_rss_mb']} MB)"
+                       for c in results["calibrations"])
     note = (f"Perplexity over {first['tokens']:,} scored tokens of {text_label(first['dataset'], first['split'])} "
-            f"(L={first['seqlen']}); one plain forward over the {results['calibration_tokens']:,} calibration "
-            f"tokens took {floor['wall_s']} s (peak RSS {floor['peak_rss_mb']} MB).")
+            f"(L={first['seqlen']}); one plain forward (x forward's unit) took {floors}.")
     return f"{markdown_table(head, cells)}\n\n{note}\n"
 
 
