@@ -47,7 +47,7 @@ def test_reprune_from_scores_equals_a_full_run(method, options, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want), "re-pruned weights differ from the full run's"
 
 
-@pytest.mark.parametrize("method", ["bip", "flap", "magnitude"])
+@pytest.mark.parametrize("method", ["bip", "bip-refit", "flap", "magnitude"])
 def test_reprune_with_reconstruction_equals_a_full_run(method, tmp_path):
     """Scores made without reconstruction, cut with it: what a full --reconstruct run gives, from the same data."""
     _, first = full_run(0.15, method, {})

@@ -100,21 +100,39 @@ class LayerPlan:
         return cls(list(range(w.num_heads)), list(range(w.num_kv_heads)), list(range(w.intermediate_size)))
 
 
+def attention_units(widths: Widths, gqa: str, heads_removable: bool = True) -> list[list[int]]:
+    """The query heads of each attention unit as far as scores do not decide them: all heads where none is
+    removable, whole KV groups (``gqa="groups"``, or multi-head attention), else single heads, of which
+    ``block_units`` forms the per-group slots by score."""
+    if gqa not in ("heads", "groups"):
+        raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
+    n_rep = widths.group_size
+    if not heads_removable:
+        return [list(range(widths.num_heads))]
+    if _whole_groups(widths, gqa):
+        return [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
+    return [[h] for h in range(widths.num_heads)]
+
+
+def _whole_groups(widths: Widths, gqa: str) -> bool:
+    """Whether an attention unit is a whole KV group (with its K/V head)."""
+    return widths.num_kv_heads > 1 and (gqa == "groups" or widths.group_size == 1)
+
+
 def block_units(widths: Widths, costs: BlockCosts, scores: UnitScores, gqa: str,
                 output_norm: float = 1.0, heads_removable: bool = True) -> BlockUnits:
     """Group head scores into removable attention units and order everything by score. Where heads are not
     removable, all of them form one unit, which every block keeps."""
     heads = scores.heads.double()
     kv = scores.kv_heads.double() if scores.kv_heads is not None else torch.zeros(widths.num_kv_heads)
-    n_rep = widths.group_size
-    groups = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
-    if gqa not in ("heads", "groups"):
-        raise PruneError(f"unknown --gqa {gqa!r}; use groups or heads")
+    members = attention_units(widths, gqa, heads_removable)
     if not heads_removable:
-        members, kv_members = [list(range(widths.num_heads))], [list(range(widths.num_kv_heads))]
-    elif widths.num_kv_heads > 1 and (gqa == "groups" or n_rep == 1):
-        members, kv_members = groups, [[g] for g in range(widths.num_kv_heads)]
+        kv_members = [list(range(widths.num_kv_heads))]
+    elif _whole_groups(widths, gqa):
+        kv_members = [[g] for g in range(widths.num_kv_heads)]
     else:  # a single KV head, or per-group head slots: only query heads go
+        n_rep = widths.group_size
+        groups = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(widths.num_kv_heads)]
         by_score = [sorted(g, key=lambda h: float(heads[h])) for g in groups]
         members = [[order[s] for order in by_score] for s in range(n_rep)]
         kv_members = [[] for _ in range(n_rep)]

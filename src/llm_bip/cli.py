@@ -17,7 +17,7 @@ from typing import get_args
 from .checkpoint import (DEFAULT_MODEL, DTYPES, atomic_folder, check_device, check_output_folder, load_model,
                          local_inputs)
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
-from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig
+from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig, Selection
 from .data import check_calibration_source, check_text_source, corpora_help, corpus_names, is_corpus
 from .errors import PruneError
 from .evaluation import agreement, perplexity
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit the kept columns of o_proj and down_proj (and their bias, llama/smollm3) by least "
                         "squares to the dense outputs on the calibration data; needs the data even with --scores "
                         "(default: the method's choice, on for bip)")
+    p.add_argument("--selection", choices=get_args(Selection),
+                   help="which units each block loses: the lowest scores, or (refit) greedily by the error left after "
+                        "the least-squares refit of the rest, the scores breaking ties; refit turns on --reconstruct "
+                        "(default: the method's choice, refit for bip-refit)")
     p.add_argument("--calibration", default=d.calibration, help=CALIBRATION_HELP)
     p.add_argument("--samples", type=int, default=d.n_samples, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.seqlen, help="tokens per calibration window")
@@ -261,7 +265,8 @@ def config_from_args(args) -> PruneConfig:
     return PruneConfig(
         ratio=args.ratio, method=args.method, allocation=args.allocation, gqa=args.gqa, normalize=args.normalize,
         compensate=args.compensate, lipschitz=args.lipschitz, head_score=args.head_score, sequential=args.sequential,
-        reconstruct=args.reconstruct, calibration=args.calibration, n_samples=args.samples, seqlen=args.calib_seqlen,
+        reconstruct=args.reconstruct, selection=args.selection, calibration=args.calibration, n_samples=args.samples,
+        seqlen=args.calib_seqlen,
         batch_size=args.batch_size, keep_dense=args.keep_dense, min_channels=args.min_channels, round_to=args.round_to,
         seed=args.seed,
     )

@@ -15,17 +15,19 @@ from .methods import METHODS, method_defaults, method_dense_layers
 from .metrics import ScoreOptions
 from .scores import SCORING_FIELDS, ScoreRecord
 
-Method = Literal["bip", "bip-unit-zscore", "bip-paper", "random", "magnitude", "wanda-sp", "flap", "llm-pruner"]
+Method = Literal["bip", "bip-refit", "bip-unit-zscore", "bip-paper", "random", "magnitude", "wanda-sp", "flap",
+                 "llm-pruner"]
 Allocation = Literal["uniform", "block", "global"]
 Normalize = Literal["none", "output", "zscore", "channels", "log-channels"]
 Lipschitz = Literal["spectral", "certified", "none"]
 HeadScore = Literal["channels", "exact"]
 Gqa = Literal["groups", "heads"]
 Compensate = Literal[True, False, "auto"]  # "auto": where the architecture can hold output biases
+Selection = Literal["scores", "refit"]  # refit: by the error the refit leaves (selection.py); needs reconstruct
 
 # the options that take one of a fixed set of values
 CHOICES = {"method": Method, "allocation": Allocation, "normalize": Normalize, "lipschitz": Lipschitz,
-           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate}
+           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate, "selection": Selection}
 # the CLI options spelled otherwise than their field (any other field f is --f, with dashes)
 FLAGS = {"n_samples": "--samples", "seqlen": "--calib-seqlen"}
 
@@ -51,6 +53,7 @@ class PruneConfig:
     gqa: Gqa = "groups"
     sequential: bool | None = None
     reconstruct: bool | None = None  # not a scoring setting: scores made without it can be cut with it, and back
+    selection: Selection | None = None
     calibration: str = "mix"  # data.MIX_SOURCES; the paper's protocol is "ptb"
     n_samples: int = 64
     seqlen: int = 512
@@ -99,18 +102,27 @@ class PruneConfig:
         return sorted(dense)
 
     def resolved(self) -> "PruneConfig":
-        """A copy with every option left to the method filled in from the method's definition."""
+        """A copy with every option left to the method filled in from the method's definition; refit-aware
+        selection turns the refit on, and refuses a run without it."""
         defaults = method_defaults(self.method)
         chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None and k in defaults}
-        return replace(self, **chosen)
+        config = replace(self, **chosen)
+        if config.selection == "refit" and self.reconstruct is None:
+            config = replace(config, reconstruct=True)
+        if config.selection == "refit" and not config.reconstruct:
+            raise PruneError(f"{option_name('selection')} refit chooses units by the error the refit leaves; "
+                             f"it needs {option_name('reconstruct')}")
+        return config
 
     @property
     def metric(self) -> str:
         return METHODS[self.method]["metric"]
 
     def scoring_settings(self) -> dict:
-        """The fields that decide the scores (a record's ``settings``)."""
-        return {k: getattr(self, k) for k in SCORING_FIELDS}
+        """The fields that decide the scores (a record's ``settings``); refit-aware scores depend on the
+        attention units too."""
+        fields = SCORING_FIELDS + (("gqa",) if self.selection == "refit" else ())
+        return {k: getattr(self, k) for k in fields}
 
     def allocation_options(self) -> AllocationOptions:
         return AllocationOptions(

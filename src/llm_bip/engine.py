@@ -7,6 +7,9 @@ cuts the blocks. ``score_and_cut`` is sequential mode, the two fused: each block
 outputs of the blocks cut before it. Given a ProgressStore (offloaded runs), a pass continues
 after its last completed block; in memory nothing is kept.
 
+Refit-aware selection (``--selection refit``, selection.py) replaces each block's scores, in the same pass,
+by the greedy order of removal by the error the refit leaves, from the Grams of o_proj's and down_proj's inputs.
+
 Reconstruction (``--reconstruct``) refits o_proj and down_proj of every cut block to the dense
 block's projection outputs (surgery.refit_projection), from the Grams of their calibration inputs.
 One-shot, ``cut_and_refit`` is a second pass down the stack on dense inputs; sequential, each block's
@@ -34,6 +37,7 @@ from .offload import BlockStore
 from .profiling import PhaseLog
 from .progress import Progress, ProgressStore
 from .scores import ScoreRecord
+from .selection import refit_aware_scores
 from .surgery import Projection, compensate_bias, prune_block, reconstruct
 
 
@@ -93,9 +97,10 @@ def add_compensation_biases(stack: Stack, alloc: AllocationOptions) -> Allocatio
 
 
 def needs_block_inputs(config: PruneConfig, metric: Metric) -> bool:
-    """Whether scoring passes calibration data through the blocks (for statistics, compensation means, or
-    the Grams of sequential reconstruction; one-shot reconstruction makes its own pass)."""
-    return metric.needs_block_stats or bool(config.compensate) or (config.sequential and config.reconstruct)
+    """Whether scoring passes calibration data through the blocks (for statistics, compensation means, the
+    Grams of refit-aware selection or of sequential reconstruction; one-shot reconstruction makes its own pass)."""
+    return (metric.needs_block_stats or bool(config.compensate) or config.selection == "refit"
+            or (config.sequential and config.reconstruct))
 
 
 def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progress: ProgressStore | None = None,
@@ -210,10 +215,12 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
         view = stack.views[i]
         with stack.blocks.resident(i, write=cutting):
             refit = cutting and config.reconstruct and i in stack.prunable
-            grams = BlockGrams() if refit else None
+            grams = BlockGrams() if refit or (config.selection == "refit" and i in stack.prunable) else None
             stats, outputs = collect_block_stats(view, inputs, grams) if inputs is not None else (None, None)
             if i in stack.prunable:
                 record.scores[i] = metric.score(view, stats, i)
+                if config.selection == "refit":
+                    record.scores[i] = refit_aware_scores(view, grams, record.scores[i], config.gqa)
                 record.norms[i] = stats.output_norm if stats is not None else 1.0
                 if means is not None:
                     means[i] = (stats.attn_mean(), stats.ffn_mean())

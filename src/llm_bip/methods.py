@@ -13,6 +13,7 @@ BASE_DEFAULTS = {
     "head_score": "channels",
     "sequential": False,
     "reconstruct": False,
+    "selection": "scores",
 }
 
 METHODS: dict[str, dict] = {
@@ -22,6 +23,10 @@ METHODS: dict[str, dict] = {
     # Lipschitz factor is the same for every channel of a block, so standardising cancels it: not computed
     "bip": {"metric": "bip", "head_score": "channels", "compensate": "auto", "allocation": "global",
             "normalize": "channels", "lipschitz": "none", "reconstruct": True},
+    # bip with refit-aware selection (selection.py): each block's units ranked by the error the refit leaves,
+    # the bounds breaking ties; the same cross-block ranking
+    "bip-refit": {"metric": "bip", "head_score": "channels", "compensate": "auto", "allocation": "global",
+                  "normalize": "channels", "lipschitz": "none", "reconstruct": True, "selection": "refit"},
     # the default until 0.2: exact head change, z-scores over removable units per block and module
     "bip-unit-zscore": {"metric": "bip", "head_score": "exact", "compensate": "auto", "allocation": "global",
                         "normalize": "zscore", "lipschitz": "none"},

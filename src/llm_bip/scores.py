@@ -19,8 +19,10 @@ from .outputs import SCORES_FILE
 
 METADATA_KEY = "llm_bip_scores"
 # PruneConfig fields that decide the scores; a re-prune must agree with the run that made them
-SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "calibration", "n_samples",
-                  "seqlen", "batch_size", "seed")
+SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "selection", "calibration",
+                  "n_samples", "seqlen", "batch_size", "seed")
+# the settings of files written before a field existed
+EARLIER_SETTINGS = {"selection": "scores"}
 
 
 @dataclass
@@ -35,8 +37,8 @@ class ScoreRecord:
 
     def check_matches(self, settings: dict, widths: list[dict], prunable: list[int]) -> None:
         """Raise PruneError unless these scores are what a full run with ``settings`` would compute."""
-        differing = [f"{k} {self.settings.get(k)!r} (asked: {settings[k]!r})" for k in SCORING_FIELDS
-                     if self.settings.get(k) != settings[k]]
+        differing = [f"{k} {self.settings.get(k)!r} (asked: {v!r})" for k, v in settings.items()
+                     if self.settings.get(k) != v]
         if differing:
             raise PruneError("--scores were computed with other scoring settings: " + ", ".join(differing)
                              + "; set the same options or recompute the scores")
@@ -98,5 +100,5 @@ def load_scores(path: str | Path) -> ScoreRecord:
                               **{name: tensors.get(f"layer{i}.{name}") for name in OPTIONAL_SCORES})
                 for i in layers},
         norms={i: float(tensors[f"layer{i}.output_norm"]) for i in layers},
-        means=means, settings=meta["settings"], widths=meta["widths"],
+        means=means, settings={**EARLIER_SETTINGS, **meta["settings"]}, widths=meta["widths"],
     )

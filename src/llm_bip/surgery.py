@@ -117,7 +117,7 @@ def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, g
     cols = keep.to(device)
     if ones:
         cols = torch.cat([cols, cols.new_tensor([gram.shape[0] - 1])])
-    target = _augmented(dense.weight, dense.bias).to(device)
+    target = augmented(dense.weight, dense.bias).to(device)
     g_kk = gram[cols][:, cols]
     cross = gram[cols] @ target.T  # G[K, :] W~^T
     damped = g_kk + RIDGE * g_kk.diagonal().mean() * torch.eye(len(cols), dtype=gram.dtype, device=device)
@@ -125,7 +125,7 @@ def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, g
     if info:
         return
     refit = torch.cholesky_solve(cross, factor).T
-    cut = _augmented(linear.weight, linear.bias).to(device)
+    cut = augmented(linear.weight, linear.bias).to(device)
     if _error_change(refit, g_kk, cross) > _error_change(cut, g_kk, cross):
         return
     linear.weight.copy_(refit[:, :keep.numel()])
@@ -133,7 +133,7 @@ def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, g
         linear.bias.copy_(refit[:, -1])
 
 
-def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[W, b] in float64, or W alone where there is no bias."""
     weight = weight.double()
     return weight if bias is None else torch.cat([weight, bias.to(weight)[:, None]], dim=1)
