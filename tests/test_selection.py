@@ -14,7 +14,7 @@ from llm_bip.allocation import attention_units
 from llm_bip.errors import PruneError
 from llm_bip.outputs import SCORES_FILE
 from llm_bip.scores import ScoreRecord, load_scores, save_scores
-from llm_bip.selection import greedy_removal, removal_scores
+from llm_bip.selection import greedy_removal
 from llm_bip.surgery import RIDGE
 from test_cli_errors import assert_fails_cleanly, prune_args
 from tiny_models import random_ids, tiny_model
@@ -84,15 +84,6 @@ def test_ties_go_to_the_prior():
     assert order[:3] == [5, 6, 2] and errors[:3].abs().max() < 1e-12
 
 
-def test_scores_keep_the_greedy_order():
-    weight, gram = problem(2)
-    units = torch.arange(8)[:, None]
-    order, _ = greedy_removal(weight, gram, units, torch.zeros(8))
-    scores = removal_scores(weight, gram, units, torch.zeros(8))
-    assert torch.argsort(scores, stable=True).tolist() == order
-    assert (scores[order].diff() > 0).all()
-
-
 def test_wide_projections_remove_several_units_a_step(monkeypatch):
     monkeypatch.setattr("llm_bip.selection.GREEDY_STEPS", 2)
     weight, gram = problem(3)
@@ -143,17 +134,24 @@ def test_engine_orders_each_block_by_the_greedy_removal():
     assert result.record.settings["selection"] == "refit" and result.record.settings["gqa"] == "groups"
 
 
-@pytest.mark.parametrize("method", ["flap", "magnitude"])
-def test_any_method_takes_refit_aware_selection(method):
+@pytest.mark.parametrize("method,gqa", [("bip", "groups"), ("flap", "groups"), ("magnitude", "heads"),
+                                        ("bip-unit-zscore", "groups")])
+def test_the_method_decides_how_many_units_the_refit_which(method, gqa):
+    """Every block loses as many heads and channels as under the method's own selection (its scores are
+    only handed out again), and some block loses other units."""
     calib = random_ids(8, 16, seed=3)
     runs = {}
     for selection in ("scores", "refit"):
         model = tiny_model("llama-gqa", layers=3, scale=5.0)
-        runs[selection] = prune(model, None, PruneConfig(ratio=0.3, method=method, selection=selection,
-                                                         reconstruct=True), calib=calib)[1]
-    assert any(a.keep_channels != b.keep_channels
-               for a, b in zip(runs["scores"].plans.values(), runs["refit"].plans.values()))
-    assert all(abs(r.block_ratio - 0.3) < 0.02 for r in runs.values())
+        config = PruneConfig(ratio=0.3, method=method, gqa=gqa, selection=selection, reconstruct=True)
+        runs[selection] = prune(model, None, config, calib=calib)[1]
+    assert runs["refit"].widths_after == runs["scores"].widths_after
+    plans = zip(runs["scores"].plans.values(), runs["refit"].plans.values())
+    assert any(a.keep_channels != b.keep_channels or a.keep_heads != b.keep_heads for a, b in plans)
+    for i, s in runs["scores"].record.scores.items():
+        moved = runs["refit"].record.scores[i]
+        assert torch.equal(moved.channels.sort().values, s.channels.double().sort().values)
+        assert torch.equal(moved.heads.sort().values, s.heads.sort().values)
 
 
 def test_refit_aware_selection_turns_the_refit_on_and_refuses_a_run_without_it():

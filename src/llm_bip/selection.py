@@ -15,9 +15,11 @@ projection wider than GREEDY_STEPS units removes ceil(width / GREEDY_STEPS) of i
 step, together (a unit's error is then its own, the step's others kept); ties go to the method's own
 scores (the prior).
 
-A unit's score is the square root of its step's error, raised to the running maximum of the earlier
-steps' (times 1 + 1e-9 a step) so that every ranking keeps the greedy order; the engine ranks these as
-it ranks any metric's scores (standardised per block and module by default).
+The greedy decides which units go, not how many: each module's scores are the method's own, handed out
+again in the greedy order (the unit removed first takes the lowest score), so the allocation across blocks
+is the method's. Allocating by the greedy's errors themselves, standardised per block and module as the
+bounds are, was measured and lost clearly (docs/results.md, issue 22): a block's own output error says
+little about what the model loses.
 """
 
 from __future__ import annotations
@@ -33,36 +35,32 @@ from .metrics import UnitScores
 from .surgery import RIDGE, augmented
 
 GREEDY_STEPS = 64  # removal steps per projection at most: wider ones remove several units a step
-NUDGE = 1e-9  # each score exceeds the one before it by this fraction at least: the greedy order is kept
 
 
 @torch.no_grad()
 def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gqa: str) -> UnitScores:
-    """Block scores by refit-aware selection: attention units over o_proj's columns, FFN channels over
-    down_proj's; ``prior`` (the method's scores) breaks ties; ``gqa`` decides the attention units."""
+    """The method's scores ``prior`` handed out again in the refit-aware order: in each module, the unit the
+    greedy removes k-th takes the values of the unit ``prior`` ranks k-th. Every block keeps the values it had,
+    so any allocation takes as many units from it as the method does; the refit decides which. Attention units
+    (whole KV groups or heads, by ``gqa``) over o_proj's columns, FFN channels over down_proj's."""
     hd, width = view.head_dim, view.widths
-    units = attention_units(width, gqa, view.heads_removable)
-    unit_prior = torch.stack([prior.heads.double()[heads].sum() for heads in units])
-    columns = torch.stack([torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) for heads in units])
-    attn = removal_scores(augmented(view.o.weight, view.o.bias), grams.attn, columns, unit_prior)
-    attn_channels = torch.empty(width.num_heads * hd, dtype=torch.float64)
-    for cols, value in zip(columns, attn):
-        attn_channels[cols] = value / cols.numel()
+    heads = torch.tensor(attention_units(width, gqa, view.heads_removable))  # [units, heads of each]
+    per_group = prior.kv_heads is not None and len(heads) == width.num_kv_heads  # a unit holds its K/V head
+    unit_prior = prior.heads.double()[heads].sum(1) + (prior.kv_heads.double() if per_group else 0)
+    columns = (heads[:, :, None] * hd + torch.arange(hd)).flatten(1)
+    order, _ = greedy_removal(augmented(view.o.weight, view.o.bias), grams.attn, columns, unit_prior)
+    source = torch.empty(len(heads), dtype=torch.long)
+    source[torch.tensor(order)] = torch.argsort(unit_prior, stable=True)  # whose values each unit takes
+    moved = UnitScores(prior.heads.clone(), prior.channels.double().clone(),
+                       prior.kv_heads[source] if per_group else prior.kv_heads,
+                       None if prior.attn_channels is None else prior.attn_channels.clone())
+    moved.heads[heads] = prior.heads[heads[source]]
+    if moved.attn_channels is not None:
+        moved.attn_channels[columns] = prior.attn_channels[columns[source]]
     channels = torch.arange(width.intermediate_size)[:, None]
-    ffn = removal_scores(augmented(view.down.weight, view.down.bias), grams.ffn, channels, prior.channels.double())
-    return UnitScores.of_channels(attn_channels, ffn, hd)
-
-
-def removal_scores(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """Every unit's score (see the module's docstring): ``units`` [m, s] holds each unit's columns of
-    ``weight`` [d, n] and ``gram`` [n, n] (float64; any column not in a unit is kept), ``prior`` [m] breaks ties."""
-    order, errors = greedy_removal(weight, gram, units, prior)
-    scores = torch.empty(len(order), dtype=torch.float64)
-    last = 0.0
-    for unit, error in zip(order, errors.clamp_min(0).sqrt().tolist()):
-        last = max(error, last * (1 + NUDGE))
-        scores[unit] = last
-    return scores
+    order, _ = greedy_removal(augmented(view.down.weight, view.down.bias), grams.ffn, channels, prior.channels.double())
+    moved.channels[torch.tensor(order)] = prior.channels.double().sort().values
+    return moved
 
 
 def greedy_removal(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor,
