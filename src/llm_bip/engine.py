@@ -7,8 +7,9 @@ cuts the blocks. ``score_and_cut`` is sequential mode, the two fused: each block
 outputs of the blocks cut before it. Given a ProgressStore (offloaded runs), a pass continues
 after its last completed block; in memory nothing is kept.
 
-Refit-aware selection (``--selection refit``, selection.py) replaces each block's scores, in the same pass,
-by the greedy order of removal by the error the refit leaves, from the Grams of o_proj's and down_proj's inputs.
+Refit-aware selection (``--selection refit``, selection.py) reorders each block's scores in the same pass: the
+method's values, handed out again in the greedy order of removal by the error the refit leaves (from the Grams
+of o_proj's and down_proj's inputs, collected in that forward).
 
 Reconstruction (``--reconstruct``) refits o_proj and down_proj of every cut block to the dense
 block's projection outputs (surgery.refit_projection), from the Grams of their calibration inputs.
@@ -214,8 +215,8 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
     for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
         view = stack.views[i]
         with stack.blocks.resident(i, write=cutting):
-            refit = cutting and config.reconstruct and i in stack.prunable
-            grams = BlockGrams() if refit or (config.selection == "refit" and i in stack.prunable) else None
+            wants_grams = (cutting and config.reconstruct) or config.selection == "refit"
+            grams = BlockGrams() if wants_grams and i in stack.prunable else None
             stats, outputs = collect_block_stats(view, inputs, grams) if inputs is not None else (None, None)
             if i in stack.prunable:
                 record.scores[i] = metric.score(view, stats, i)
