@@ -107,15 +107,19 @@ def calibration_settings(config: PruneConfig) -> dict:
     return {name: getattr(config, name) for name in CALIBRATION_FIELDS}
 
 
+def calibration_key(config: PruneConfig) -> str:
+    """The same for two configs exactly when they name the same calibration batch."""
+    return json.dumps(calibration_settings(config), sort_keys=True)
+
+
 def calibrations(model, tokenizer, configs: list[PruneConfig]) -> dict[str, Calibration]:
     """One batch (and its forward floor) per distinct calibration setting among ``configs``, each built once."""
     found: dict[str, Calibration] = {}
     for config in configs:
-        settings = calibration_settings(config)
-        key = json.dumps(settings, sort_keys=True)
+        key = calibration_key(config)
         if key not in found:
             ids = calibration_batch(model, tokenizer, config)
-            found[key] = Calibration(settings, ids, forward_floor(model, ids, config.batch_size))
+            found[key] = Calibration(calibration_settings(config), ids, forward_floor(model, ids, config.batch_size))
     return found
 
 
@@ -133,7 +137,7 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
              "params_model": sum(p.numel() for p in model.parameters())}]
     report(rows[0])
     for label, config in grid:
-        calibration = batches[json.dumps(calibration_settings(config), sort_keys=True)]
+        calibration = batches[calibration_key(config)]
         pruned = copy.deepcopy(model)
         start = time.perf_counter()
         result = Pruner(pruned, config).run(calibration.ids)
