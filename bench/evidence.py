@@ -31,10 +31,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench_results import RESULTS
-from llm_bip.checkpoint import load_model
+
 from llm_bip.compare import parse_method
 from llm_bip.config import PruneConfig
 from llm_bip.evaluation import perplexity
+from llm_bip.loading import load_model
 from llm_bip.pruner import Pruner
 from llm_bip.selfcalib import calibration_batch
 from llm_bip.tables import markdown_table

@@ -21,13 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's tiny models
 
-from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
-from llm_bip.surgery import head_channels  # noqa: E402
+from bench_results import write_rows  # noqa: E402
 from test_conformance import block_setup  # noqa: E402
 from test_scores import output_change  # noqa: E402
-from bench_results import write_rows  # noqa: E402
 from tiny_models import VARIANTS  # noqa: E402
 
+from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
+from llm_bip.surgery import head_channels  # noqa: E402
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's model builder
 
+from bench_results import write_rows  # noqa: E402
+from test_gguf_export import TOKEN_IDS_ONLY  # noqa: E402
+from tiny_models import build_model  # noqa: E402
+
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model  # noqa: E402
 from llm_bip.gguf_export import write_file  # noqa: E402
 from llm_bip.llamacpp import open_gguf, window_logits  # noqa: E402
-from test_gguf_export import TOKEN_IDS_ONLY  # noqa: E402
-from bench_results import write_rows  # noqa: E402
-from tiny_models import build_model  # noqa: E402
 
 VOCAB = 512
 TWO_KINDS = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"])

@@ -25,8 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
-from llm_bip.checkpoint import DTYPES, empty_model, resolve_source
+from llm_bip.devices import DTYPES
+from llm_bip.loading import empty_model
 from llm_bip.shards import INDEX_FILE, SHARD_METADATA, stored_tensors
+from llm_bip.sources import resolve_source
 
 RESULTS = Path(__file__).parent / "results"
 

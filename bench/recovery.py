@@ -22,11 +22,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench_results import RESULTS
 from transformers import TrainerCallback
 
-from bench_results import RESULTS
-from llm_bip.checkpoint import load_model
 from llm_bip.evaluation import agreement, perplexity
+from llm_bip.loading import load_model
 from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
 from llm_bip.tables import markdown_table
 

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_results import write_rows
 from transformers import TrainerCallback
 
-from bench_results import write_rows
-from llm_bip.checkpoint import load_model
+from llm_bip.loading import load_model
 from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
 
 SHAPE = dict(data="warpeace", batch_size=4, seqlen=256, eval="none", save_steps=10_000)

@@ -13,8 +13,8 @@ import argparse
 import time
 
 import torch
-
 from bench_results import write_rows
+
 from llm_bip.selection import greedy_removal
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from bench_results import write_rows
-from llm_bip.checkpoint import load_model
+
+from llm_bip.loading import load_model
 from llm_bip.losses import kl_sum, predicting, top_k
 from llm_bip.training_data import build_training_data, read_data
 

@@ -17,11 +17,11 @@ import json
 import time
 from functools import partial
 
-from llm_bip.checkpoint import load_model
 from llm_bip.compare import parse_method
+from llm_bip.config import PruneConfig
 from llm_bip.data import calibration_ids
 from llm_bip.evaluation import perplexity
-from llm_bip.config import PruneConfig
+from llm_bip.loading import load_model
 from llm_bip.pruner import Pruner
 from llm_bip.scores import SCORING_FIELDS
 

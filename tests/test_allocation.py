@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 from transformers import LlamaConfig
 
 from llm_bip import PruneConfig, PruneError, prune
 from llm_bip.allocation import AllocationOptions, allocate, removed_parameters
-from llm_bip.checkpoint import empty_model
 from llm_bip.engine import Stack, size_counts
+from llm_bip.loading import empty_model
 from llm_bip.metrics import UnitScores
-from tiny_models import random_ids, tiny_model
 
 CHANNEL = 3 * 48  # parameters of one tiny_model FFN channel: gate row, up row, down column
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, PruneError, prune
 from llm_bip.adapters import Rows, adapter_for
 from llm_bip.allocation import BlockCosts, block_units, ranking_keys
 from llm_bip.calibration import accumulate_lm_gradients, capture_block_inputs, collect_block_stats
 from llm_bip.metrics import ScoreOptions, UnitScores, make_metric
-from tiny_models import random_ids, tiny_model
 
 
 def block_inputs(model, ids):

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 from tiny_models import calibration_text
 
-from llm_bip.checkpoint import load_model
 from llm_bip.cli import main
 from llm_bip.compare import CompareSpec, parse_method, run_compare
-from llm_bip.evaluation import perplexity
 from llm_bip.errors import PruneError
+from llm_bip.evaluation import perplexity
+from llm_bip.loading import load_model
 from llm_bip.pruner import PruneConfig, Pruner
 from llm_bip.selfcalib import calibration_batch
 

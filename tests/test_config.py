@@ -7,11 +7,11 @@ import re
 from typing import get_args
 
 import pytest
+from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, PruneError, prune, run_prune
 from llm_bip.config import Method
 from llm_bip.methods import METHODS
-from tiny_models import random_ids, tiny_model
 
 BAD_OPTIONS = [
     ("method", "nope", "method (--method)"),

@@ -17,6 +17,11 @@ import json
 
 import pytest
 import torch
+from test_cli_errors import prune_args
+from test_offload import assert_same_output
+from test_scores import block_setup as scored_block
+from test_scores import output_change
+from tiny_models import ARCHITECTURES, VARIANTS, build_tokenizer, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, PruneError, export_gguf, load_pruned, prune, save_model
@@ -25,13 +30,9 @@ from llm_bip.calibration import capture_block_inputs, forward_block
 from llm_bip.cli import main
 from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.methods import METHODS
-from llm_bip.pruner import note_heads_kept
 from llm_bip.metrics import ScoreOptions, make_metric
+from llm_bip.pruner import note_heads_kept
 from llm_bip.surgery import head_channels
-from test_cli_errors import prune_args
-from test_offload import assert_same_output
-from test_scores import block_setup as scored_block, output_change
-from tiny_models import ARCHITECTURES, VARIANTS, build_tokenizer, random_ids, tiny_model
 
 ALL = sorted(VARIANTS)
 ONE_PER_FAMILY = sorted({architecture: name for name, (architecture, _) in reversed(VARIANTS.items())}.values())

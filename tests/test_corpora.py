@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_tokenizer
 
 from llm_bip.cli import main
 from llm_bip.data import (
-    MIX_SOURCES, OFFLINE_CORPORA, SHERLOCK_HOLMES, SPLITS, SURGERY, US_HISTORY, WAR_AND_PEACE, Book,
-    calibration_ids, check_calibration_source, check_text_source, corpus_names, is_corpus, load_text,
+    MIX_SOURCES,
+    OFFLINE_CORPORA,
+    SHERLOCK_HOLMES,
+    SPLITS,
+    SURGERY,
+    US_HISTORY,
+    WAR_AND_PEACE,
+    Book,
+    calibration_ids,
+    check_calibration_source,
+    check_text_source,
+    corpus_names,
+    is_corpus,
+    load_text,
 )
 from llm_bip.errors import PruneError
-from tiny_models import build_tokenizer
 
 BOOKS = {"warpeace": WAR_AND_PEACE, "sherlock": SHERLOCK_HOLMES, "ushistory": US_HISTORY, "surgery": SURGERY}
 

@@ -17,15 +17,16 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-
-from llm_bip.checkpoint import check_device, gguf_architecture, note_slow_cpu_dtype, save_model
-from llm_bip.cli import main
-from llm_bip.data import read_text_file
-from llm_bip.errors import PruneError
-from llm_bip.evaluation import perplexity
-from llm_bip.outputs import OUTPUT_MARKER
 from test_cli_errors import FAST, assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
 from tiny_models import build_tokenizer, tiny_model
+
+from llm_bip.cli import main
+from llm_bip.data import read_text_file
+from llm_bip.devices import check_device, note_slow_cpu_dtype
+from llm_bip.errors import PruneError
+from llm_bip.evaluation import perplexity
+from llm_bip.outputs import OUTPUT_MARKER, save_model
+from llm_bip.sources import gguf_architecture
 
 EVAL = ["--seqlen", "16", "--max-tokens", "64"]
 

@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate_launch import DATA_PARALLEL, FSDP_CONFIG, launch
 from safetensors.torch import load_file
+from test_cli_errors import assert_fails_cleanly
+from test_finetune import StopAfterSave
+from tiny_models import build_model, build_tokenizer, calibration_text
 
 from llm_bip import PruneConfig, PruneError
-from llm_bip.checkpoint import cache_dir, load_model
 from llm_bip.cli import main
-from llm_bip.losses import IGNORE_INDEX, hidden_sum, kl_sum, lm_sum, predicting, top_k
 from llm_bip.evaluation import agreement, text_windows
-from llm_bip.outputs import EVAL_FILE, SUMMARY_FILE
+from llm_bip.loading import load_model
+from llm_bip.losses import IGNORE_INDEX, hidden_sum, kl_sum, lm_sum, predicting, top_k
+from llm_bip.outputs import EVAL_FILE, SUMMARY_FILE, cache_dir
 from llm_bip.pipeline import is_finished, pruned_stage, run_prune_and_recover
 from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
 from llm_bip.selfcalib import self_calibration_ids
 from llm_bip.teacher import OnlineTeacher
 from llm_bip.teacher_cache import CachedExamples, build_cache, cache_key, teacher_top_k
-from llm_bip.training import Collator, trainable, training_arguments, train
+from llm_bip.training import Collator, train, trainable, training_arguments
 from llm_bip.training_data import DataFile, build_training_data, read_data
-from accelerate_launch import DATA_PARALLEL, FSDP_CONFIG, launch
-from test_cli_errors import assert_fails_cleanly
-from test_finetune import StopAfterSave
-from tiny_models import build_model, build_tokenizer, calibration_text
 
 REPETITIVE = "the new year of the world " * 200
 FAST = ["--seqlen", "16", "--batch-size", "2", "--max-steps", "3", "--eval", "none"]

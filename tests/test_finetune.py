@@ -9,20 +9,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate_launch import DATA_PARALLEL, launch
 from safetensors.torch import load_file
+from test_cli_errors import assert_fails_cleanly, snapshot
 from transformers import TrainerCallback
 
 from llm_bip import PruneConfig, prune, save_model
 from llm_bip.adapters import adapter_for
-from llm_bip.checkpoint import load_model
 from llm_bip.cli import main
+from llm_bip.loading import load_model
+from llm_bip.outputs import SCORES_FILE, SUMMARY_FILE
 from llm_bip.recovery import FinetuneConfig, run_finetune
+from llm_bip.scores import save_scores
 from llm_bip.training import add_lora, checkpoint_folder, loss_history, train, training_arguments
 from llm_bip.training_data import alpaca_prompt, build_training_data, read_data
-from llm_bip.outputs import SCORES_FILE, SUMMARY_FILE
-from llm_bip.scores import save_scores
-from accelerate_launch import DATA_PARALLEL, launch
-from test_cli_errors import assert_fails_cleanly, snapshot
 
 RECORDS = [
     {"instruction": "the world", "input": "", "output": "a new day"},

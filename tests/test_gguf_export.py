@@ -8,6 +8,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from tiny_models import VOCAB, build_model, build_tokenizer, calibration_text, random_ids, save_tiny_model, tiny_model
 
 from llm_bip import PruneConfig, export_gguf, prune, save_model
 from llm_bip.adapters import adapter_for
@@ -16,8 +17,7 @@ from llm_bip.errors import PruneError
 from llm_bip.gguf_export import describe, write_file
 from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.llamacpp import open_gguf, window_logits
-from llm_bip.shards import write_atomically
-from tiny_models import VOCAB, build_model, build_tokenizer, calibration_text, random_ids, save_tiny_model, tiny_model
+from llm_bip.outputs import write_atomically
 
 # llama.cpp without a vocabulary: it runs from token ids, as these tests feed it
 TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from llm_bip import PruneConfig, load_pruned, progress, run_prune, shards
-from llm_bip.checkpoint import read_weights
-from llm_bip.cli import main
-from llm_bip.outputs import SCORES_FILE
 from test_cli_errors import assert_fails_cleanly, prune_args, snapshot
 from tiny_models import build_tokenizer, random_ids, tiny_model
+
+from llm_bip import PruneConfig, load_pruned, progress, run_prune, shards
+from llm_bip.cli import main
+from llm_bip.outputs import SCORES_FILE
+from llm_bip.shards import read_weights
 
 CONFIGS = {
     "bip": [],  # llama: bias compensation on, exact head scores

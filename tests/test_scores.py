@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 
 from llm_bip.adapters import adapter_for
 from llm_bip.calibration import capture_block_inputs, collect_block_stats, forward_block
 from llm_bip.metrics import ScoreOptions, make_metric
 from llm_bip.surgery import head_channels
-from tiny_models import random_ids, tiny_model
 
 
 def block_setup(variant, seed=0, scale=3.0, layer=1, layers=2):

@@ -7,6 +7,8 @@ import itertools
 
 import pytest
 import torch
+from test_cli_errors import assert_fails_cleanly, prune_args
+from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, prune
 from llm_bip.adapters import adapter_for
@@ -16,8 +18,6 @@ from llm_bip.outputs import SCORES_FILE
 from llm_bip.scores import ScoreRecord, load_scores, save_scores
 from llm_bip.selection import greedy_removal
 from llm_bip.surgery import RIDGE
-from test_cli_errors import assert_fails_cleanly, prune_args
-from tiny_models import random_ids, tiny_model
 
 
 def problem(seed: int, n: int = 8, d: int = 5, tokens: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,7 +86,7 @@ def tiny_model(variant: str = "llama-gqa", layers: int = 3, seed: int = 0, scale
     scales are more realistic for score tests)."""
     architecture, overrides = VARIANTS[variant]
     sizes = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=layers, head_dim=8,
-                 max_position_embeddings=128, tie_word_embeddings=False)
+                 max_position_embeddings=1024, tie_word_embeddings=False)
     if "layer_types" in overrides:
         overrides = {**overrides, "layer_types": (overrides["layer_types"] * layers)[:layers]}
     model = build_model(architecture, seed, **{**sizes, **overrides})

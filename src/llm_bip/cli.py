@@ -14,23 +14,24 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import get_args
 
-from .checkpoint import (DEFAULT_MODEL, DTYPES, atomic_folder, check_device, check_output_folder, load_model,
-                         local_inputs)
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig, Selection
 from .data import check_calibration_source, check_text_source, corpora_help, corpus_names, is_corpus
+from .devices import DTYPES, check_device
 from .errors import PruneError
 from .evaluation import agreement, perplexity
 from .gguf_export import FILE_TYPES, export_gguf
 from .job import run_prune
+from .loading import load_model
 from .methods import METHODS
-from .outputs import EVAL_FILE, SCORES_FILE, library_versions
+from .outputs import EVAL_FILE, SCORES_FILE, atomic_folder, check_output_folder, library_versions
 from .pipeline import run_prune_and_recover
-from .recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
-from .teacher import check_same_vocabulary
 from .profiling import PhaseLog
+from .recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
 from .report import build_report
+from .sources import DEFAULT_MODEL, local_inputs
 from .speed import SpeedSettings, bench_speed, parse_sizes, speed_table, write_speed
+from .teacher import check_same_vocabulary
 from .zeroshot import load_tasks, zero_shot, zero_shot_table
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_folder
 from .config import PruneConfig
 from .errors import PruneError
 from .evaluation import perplexity, text_label
-from .outputs import library_versions
+from .limits import check_window
+from .outputs import atomic_folder, library_versions
 from .profiling import PhaseLog
 from .pruner import Pruner
 from .selfcalib import calibration_batch
@@ -129,8 +129,10 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
     nothing is written here."""
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
             for label, config in map(partial(parse_method, base=spec.base), spec.methods) for ratio in spec.ratios]
-    for _, config in grid:  # every option and budget checked before the long part
-        Pruner(model, config)
+    for _, config in grid:  # every option, budget and calibration window checked before the long part
+        Pruner(model, config).check_calibration(config.n_samples, config.seqlen)
+    for seqlen in spec.seqlens:
+        check_window(model.config, seqlen, "--seqlens")
     batches = calibrations(model, tokenizer, [config for _, config in grid])
     report = on_row or (lambda row: None)
     rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),

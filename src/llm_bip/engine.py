@@ -28,10 +28,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Widths, adapter_for
-from .allocation import (AllocationOptions, BlockCosts, BlockUnits, LayerPlan, allocate, block_units, ranking_scores,
-                         select_units)
-from .calibration import (BlockGrams, BlockInputs, accumulate_lm_gradients, capture_block_inputs,
-                          collect_block_grams, collect_block_stats, forward_block)
+from .allocation import (
+    AllocationOptions,
+    BlockCosts,
+    BlockUnits,
+    LayerPlan,
+    allocate,
+    block_units,
+    ranking_scores,
+    select_units,
+)
+from .calibration import (
+    BlockGrams,
+    BlockInputs,
+    accumulate_lm_gradients,
+    capture_block_inputs,
+    collect_block_grams,
+    collect_block_stats,
+    forward_block,
+)
 from .config import PruneConfig
 from .metrics import Metric, UnitScores, make_metric
 from .offload import BlockStore
@@ -40,7 +55,6 @@ from .progress import Progress, ProgressStore
 from .scores import ScoreRecord
 from .selection import refit_aware_scores
 from .surgery import Projection, compensate_bias, prune_block, reconstruct
-
 
 STAGE_REFIT = "reconstruction"  # the one-shot reconstruction pass's progress (offloaded runs)
 

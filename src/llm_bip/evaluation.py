@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import cache_dir
 from .data import is_corpus, load_text, needs_bos, tokenize, with_bos
 from .errors import PruneError
-from .outputs import library_versions
-from .shards import write_atomically
+from .limits import check_window
+from .outputs import cache_dir, library_versions, write_cache_entry
 
 
 @dataclass
@@ -93,6 +92,7 @@ def perplexity(model, tokenizer, dataset: str = "ptb", split: str = "test", seql
     """exp(mean NLL) over the joined ``split`` text of ``dataset`` (a file: the whole file), optionally its
     first ``max_tokens``. ``cache``: reuse the result of an earlier identical measurement (same weights,
     tokenizer, text, settings and library versions), kept in the llm-bip cache folder."""
+    check_window(model.config, seqlen, "the evaluation window")
     windows = text_windows(tokenizer, dataset, split, seqlen, max_tokens)
     batch_size = batch_size or max(1, 2048 // seqlen)
     label = split_label(dataset, split)
@@ -163,13 +163,3 @@ def model_digest(model, settings: dict):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest
-
-
-def write_cache_entry(entry: Path, write: Callable[[str], None]) -> None:
-    """Keep a result in the cache file ``entry`` (``write`` writes it to the path it is given, atomically
-    renamed); a cache that cannot be written is no error (the next run computes it again)."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(entry, write)
-    except (OSError, PruneError):
-        pass

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from .adapters import BlockView, Norm, Widths, adapter_for
-from .checkpoint import (DEFAULT_MODEL, check_apart_from_inputs, embedded_gguf, load_model, local_inputs,
-                         resolve_source)
 from .data import needs_bos
 from .errors import PruneError
 from .gguf_layouts import Layout, layout_for, rope_base
 from .llamacpp import quantize, require_llama_cpp
-from .outputs import input_summary
-from .shards import write_atomically
+from .loading import load_model
+from .outputs import check_apart_from_inputs, input_summary, write_atomically
+from .sources import DEFAULT_MODEL, embedded_gguf, local_inputs, resolve_source
 
 # llama.cpp's llama_ftype of each --type
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}

@@ -149,7 +149,8 @@ def check_rope(config, layout: Layout) -> None:
         if rope_type not in allowed:
             raise PruneError(f"RoPE type {rope_type!r} cannot be written in llama.cpp's {layout.name} layout here; "
                              f"supported: {', '.join(allowed)}")
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+    factors = (getattr(config, "partial_rotary_factor", None), rope_parameters(config).get("partial_rotary_factor"))
+    if any(f is not None and f != 1.0 for f in factors):  # transformers 5 may keep it in rope_parameters alone
         raise PruneError(f"partial rotary embeddings cannot be written to llama.cpp's {layout.name} layout")
 
 

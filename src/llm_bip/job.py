@@ -17,17 +17,20 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from .checkpoint import check_apart_from_inputs, check_device, check_output_folder, load_model, local_inputs
 from .config import PruneConfig, config_for_scores
 from .data import check_calibration_source, check_text_source
+from .devices import check_device
 from .errors import PruneError
 from .evaluation import Perplexity, perplexity
+from .limits import check_window
+from .loading import load_model
 from .offload import BlockStore, open_offloaded
-from .outputs import SCORES_FILE, SUMMARY_FILE
+from .outputs import SCORES_FILE, SUMMARY_FILE, check_apart_from_inputs, check_output_folder
 from .profiling import PhaseLog
 from .progress import ProgressStore, begin_work, partial_folder
 from .pruner import Pruner, PruneResult
 from .scores import load_scores, save_scores
+from .sources import local_inputs
 
 
 def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offload: bool, resume: bool,
@@ -80,6 +83,8 @@ def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *
             model, tokenizer = load_model(source, dtype, device)
             blocks = BlockStore()
     pruner = Pruner(model, config, record, blocks)  # checks every option against the model before any long work
+    if dataset != "none":
+        check_window(model.config, eval_seqlen, "--eval-seqlen")
     calib = pruner.calibration(tokenizer)
     progress = None
     if offload:

@@ -26,16 +26,22 @@ from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
 from .adapters import adapter_for
-from .checkpoint import (check_stored_shapes, check_tokenizer_fits, empty_model, read_config, resolve_dtype,
-                         resolve_source, save_model)
+from .devices import resolve_dtype
 from .errors import PruneError
+from .loading import check_stored_shapes, check_tokenizer_fits, empty_model, read_config
+from .outputs import save_model
 from .shards import read_tensors, save_sharded, stored_tensors, write_tensors
+from .sources import resolve_source
 
 
 class BlockStore:
     """Every block in memory, the default: residency changes nothing."""
 
     whole_model = True
+
+    def compute_device(self, model) -> torch.device:
+        """Where the blocks compute: the model's own device."""
+        return next(model.parameters()).device
 
     @contextmanager
     def resident(self, index: int, write: bool = False):
@@ -68,6 +74,9 @@ class OffloadedBlocks(BlockStore):
         self.prefixes = [names[layer] for layer in self.layers]
         self.embedding = model.get_input_embeddings()
         self.embedding_prefix = names[self.embedding]
+
+    def compute_device(self, model) -> torch.device:
+        return self.device
 
     def settings(self) -> dict[str, str]:
         """What a resumed run must read the same way: the checkpoint, dtype and device."""

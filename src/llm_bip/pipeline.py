@@ -16,12 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import check_output_folder, check_replaceable, local_inputs
 from .config import PruneConfig
 from .errors import PruneError
 from .job import run_prune
-from .outputs import OUTPUT_MARKER, SUMMARY_FILE
+from .outputs import OUTPUT_MARKER, SUMMARY_FILE, check_output_folder, check_replaceable
 from .recovery import DistillConfig, run_distill
+from .sources import local_inputs
 from .training import checkpoint_folder
 
 if TYPE_CHECKING:

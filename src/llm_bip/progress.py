@@ -18,8 +18,9 @@ from safetensors import safe_open
 
 from .calibration import BlockInputs
 from .errors import PruneError
+from .outputs import write_atomically
 from .scores import ScoreRecord, load_scores, save_scores
-from .shards import write_atomically, write_tensors
+from .shards import write_tensors
 
 
 @dataclass

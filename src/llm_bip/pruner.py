@@ -11,11 +11,20 @@ import torch
 
 from .adapters import Widths
 from .allocation import LayerPlan
-from .config import PruneConfig
+from .config import PruneConfig, option_name
 from .data import SELF
-from .engine import (Stack, add_compensation_biases, cut, cut_and_refit, needs_block_inputs, score, score_and_cut,
-                     size_counts)
+from .engine import (
+    Stack,
+    add_compensation_biases,
+    cut,
+    cut_and_refit,
+    needs_block_inputs,
+    score,
+    score_and_cut,
+    size_counts,
+)
 from .errors import PruneError
+from .limits import check_calibration_memory, check_window
 from .metrics import make_metric
 from .offload import BlockStore
 from .outputs import __version__, library_versions
@@ -112,8 +121,21 @@ class Pruner:
 
     def calibration(self, tokenizer) -> torch.Tensor | None:
         """The calibration token ids this run needs (read with ``tokenizer``; for 'self', written by the model
-        before it is pruned), or None when it needs none."""
-        return calibration_batch(self.stack.model, tokenizer, self.config) if self.needs_data else None
+        before it is pruned), or None when it needs none. Windows the model cannot take are refused first."""
+        if not self.needs_data:
+            return None
+        self.check_calibration(self.config.n_samples, self.config.seqlen)
+        return calibration_batch(self.stack.model, tokenizer, self.config)
+
+    def check_calibration(self, samples: int, seqlen: int) -> None:
+        """Refuse calibration windows past the model's context, or a calibration forward past free memory
+        (a run that reads no calibration data takes any)."""
+        if not self.needs_data:
+            return
+        model = self.stack.model
+        check_window(model.config, seqlen, option_name("seqlen"))
+        check_calibration_memory(model.config, samples, seqlen, self.config.batch_size,
+                                 self.stack.blocks.compute_device(model))
 
     def run(self, calib: torch.Tensor | None = None, progress: ProgressStore | None = None) -> PruneResult:
         """Prune in place. ``calib``: token ids from ``calibration()`` (ignored when the run needs none);
@@ -122,6 +144,8 @@ class Pruner:
         if self.needs_data and calib is None:
             needs = "reconstruction" if self.config.reconstruct else f"method {self.config.method}"
             raise ValueError(f"{needs} needs calibration token ids: pass calibration(tokenizer)")
+        if calib is not None:
+            self.check_calibration(*calib.shape)
         model, stack = self.stack.model, self.stack
         model_before = sum(p.numel() for p in model.parameters())
         widths_before, blocks_before = stack.widths(), stack.parameters()

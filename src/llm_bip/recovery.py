@@ -23,18 +23,30 @@ from typing import TYPE_CHECKING, ClassVar
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from .checkpoint import DTYPES, check_apart_from_inputs, check_device, check_output_folder, load_model, local_inputs, \
-    save_model
 from .data import check_text_source
+from .devices import DTYPES, check_device
 from .errors import PruneError
 from .evaluation import perplexity
-from .outputs import SCORES_FILE, SUMMARY_FILE, input_summary
+from .limits import check_window
+from .loading import load_model, read_config
+from .outputs import SCORES_FILE, SUMMARY_FILE, check_apart_from_inputs, check_output_folder, input_summary, save_model
 from .profiling import PhaseLog
 from .selfcalib import self_calibration_ids
+from .sources import local_inputs, resolve_source
 from .teacher import OnlineTeacher, check_same_vocabulary, load_tokenizer, parent_model, teacher_source
 from .teacher_cache import CachedExamples, build_cache, cache_key, is_ready, partial_folder
-from .training import Objective, TrainConfig, checkpoint_folder, resume_point, run_record, train, trainable, \
-    trainable_checksum, trained, training_arguments
+from .training import (
+    Objective,
+    TrainConfig,
+    checkpoint_folder,
+    resume_point,
+    run_record,
+    train,
+    trainable,
+    trainable_checksum,
+    trained,
+    training_arguments,
+)
 from .training_data import DataFile, TrainingData, build_training_data, read_data
 
 if TYPE_CHECKING:
@@ -163,9 +175,9 @@ def recover(source: str, out: str | Path, config: TrainConfig, objective: Object
 
 def check_recovery_job(source: str, out: str | Path, config: TrainConfig, plan: TeacherPlan | None, device: str,
                        dtype: str, overwrite: bool, resume: bool) -> tuple[Path, Path, str | None]:
-    """Every check that needs no model: options, devices, text sources, an output (and checkpoint and teacher
-    cache folder) apart from every input. Returns the output folder, its checkpoint folder and the checkpoint
-    to resume from."""
+    """Every check that needs no model (its config only): options, devices, text sources, an output (and
+    checkpoint and teacher cache folder) apart from every input, windows within the model's context.
+    Returns the output folder, its checkpoint folder and the checkpoint to resume from."""
     config.validate()
     check_device(device, dtype)
     if config.eval != "none":
@@ -181,6 +193,10 @@ def check_recovery_job(source: str, out: str | Path, config: TrainConfig, plan: 
     resume_from = resume_point(checkpoints, resume, overwrite)
     if plan is not None:
         check_same_vocabulary(source, plan.source)
+    model_config = read_config(source, resolve_source(source, prunable=False), prunable=False)
+    check_window(model_config, config.seqlen, "--seqlen")
+    if config.eval != "none":
+        check_window(model_config, config.eval_seqlen, "--eval-seqlen")
     return out, checkpoints, resume_from
 
 

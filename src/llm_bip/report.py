@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from html import escape
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,8 @@ from markdown_it import MarkdownIt
 from matplotlib.ticker import MaxNLocator
 from safetensors.numpy import load_file
 
-from .checkpoint import atomic_folder, check_output_folder
 from .errors import PruneError
-from .outputs import EVAL_FILE, SCORES_FILE, SPEED_FILE, SUMMARY_FILE
+from .outputs import EVAL_FILE, SCORES_FILE, SPEED_FILE, SUMMARY_FILE, atomic_folder, check_output_folder
 from .tables import markdown_table
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .checkpoint import cache_dir
 from .config import PruneConfig
 from .data import SELF, calibration_ids
 from .errors import PruneError
-from .evaluation import model_digest, write_cache_entry
+from .evaluation import model_digest
+from .outputs import cache_dir, write_cache_entry
 
 SAMPLING = "temperature 1, whole vocabulary, KV cache"  # in the cache key: another scheme is another entry
 

@@ -11,13 +11,36 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_folder, weight_files
 from .errors import PruneError
+from .outputs import atomic_folder, write_atomically
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors shards: those of the index when there is one (other .safetensors
+    files, such as llm-bip's scores, are not weights)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise PruneError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in weight_files(folder):
+        try:
+            state.update(load_file(shard))
+        except SafetensorError as err:
+            raise PruneError(f"{shard}: corrupted or truncated safetensors file ({err})") from None
+    return state
+
 
 
 def stored_tensors(folder: Path) -> dict[str, tuple[Path, torch.Size]]:
@@ -54,18 +77,6 @@ def read_tensors(wanted: dict[str, torch.Tensor], stored: dict[str, Path],
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] = SHARD_METADATA) -> None:
     """One safetensors file, whole or absent."""
     write_atomically(path, lambda tmp: save_file(_contiguous(tensors), tmp, metadata))
-
-
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write`` a file under a temporary name, then rename it: it is whole or absent, never partly written."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:
-        raise PruneError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
 
 
 def save_sharded(model, tokenizer, out: Path, overwrite: bool, block_shards: dict[str, Path],

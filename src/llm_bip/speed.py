@@ -27,10 +27,11 @@ from torch import nn
 from transformers import AutoConfig
 
 from .adapters import adapter_for
-from .checkpoint import atomic_folder, load_model, resolve_source
 from .errors import PruneError
+from .loading import load_model
+from .outputs import SPEED_FILE, atomic_folder, library_versions
 from .profiling import PhaseLog
-from .outputs import SPEED_FILE, library_versions
+from .sources import resolve_source
 from .tables import markdown_table
 
 TABLE_FILE = "speed.md"

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from .checkpoint import read_config, resolve_source
 from .errors import PruneError
+from .loading import read_config
 from .losses import TopK
 from .outputs import SUMMARY_FILE, input_summary
+from .sources import resolve_source
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ from safetensors import safe_open
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_folder, resolve_source, weight_files
 from .errors import PruneError
 from .losses import TopK, top_k
-from .shards import write_tensors
+from .outputs import atomic_folder
+from .shards import weight_files, write_tensors
+from .sources import resolve_source
 from .training_data import Example
 
 MANIFEST = "llm_bip_teacher_cache.json"

@@ -19,8 +19,18 @@ from pathlib import Path
 
 import torch
 
-from .data import MIX, MIX_SOURCES, SELF, corpus_names, is_corpus, load_text, needs_bos, read_json_records, \
-    read_text_file, tokenize
+from .data import (
+    MIX,
+    MIX_SOURCES,
+    SELF,
+    corpus_names,
+    is_corpus,
+    load_text,
+    needs_bos,
+    read_json_records,
+    read_text_file,
+    tokenize,
+)
 from .errors import PruneError
 from .evaluation import eval_windows
 from .losses import IGNORE_INDEX
