@@ -246,6 +246,10 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
+# a removable unit in the global ranking: (rank key, block, kind: 0 attention unit / 1 FFN channel, parameters)
+Candidate = tuple[float, int, int, int]
+
+
 def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: int) -> dict[int, tuple[int, int]]:
     """Remove the units of least rank key across all blocks until the budget is met.
 
@@ -255,6 +259,21 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
     (finer units ran out) takes back the highest-keyed channels it makes unnecessary. So the ratio
     obtained is the ratio asked within one channel (``allocate`` then rounds the widths).
     """
+    candidates = _ranked_candidates(units, opts)
+    target = opts.ratio * total
+    slack = max(u.costs.channel for u in units.values())
+    counts = {i: [0, 0] for i in units}
+    removed, deferred, channels_taken = _take_in_rank_order(candidates, counts, target, slack)
+    removed = _take_deferred(deferred, counts, removed, target)
+    if removed < target:
+        raise PruneError(f"ratio {opts.ratio:.4g} would empty layers: at most {removed / total:.3f} of the block "
+                         "parameters can be removed with the per-layer minimums")
+    _return_spare_channels(counts, channels_taken, removed, target)
+    return {i: (a, c) for i, (a, c) in counts.items()}
+
+
+def _ranked_candidates(units: dict[int, BlockUnits], opts: AllocationOptions) -> list[Candidate]:
+    """Every removable unit of every block, by rank key (lowest first; a block's own units in removal order)."""
     candidates = []
     for i, u in units.items():
         attn_keys, channel_keys = ranking_keys(u, opts.normalize)
@@ -263,10 +282,16 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
         for k in range(u.max_channels_removed(opts)):
             candidates.append((float(channel_keys[k]), i, 1, u.costs.channel))
     candidates.sort(key=lambda c: c[0])
-    target = opts.ratio * total
-    slack = max(u.costs.channel for u in units.values())
-    counts = {i: [0, 0] for i in units}
-    removed, blocked, deferred, channels_taken = 0, set(), [], []
+    return candidates
+
+
+def _take_in_rank_order(candidates: list[Candidate], counts: dict[int, list[int]], target: float,
+                        slack: int) -> tuple[int, list[Candidate], list[tuple[int, int]]]:
+    """Count ``candidates`` into ``counts`` in rank order until ``target`` parameters are removed; a unit that
+    would overshoot by more than ``slack`` is deferred, with every later one of its block and kind. Returns
+    (the parameters removed, the deferred units, the (block, cost) of every channel taken, in order)."""
+    removed, deferred, channels_taken = 0, [], []
+    blocked: set[tuple[int, int]] = set()
     for candidate in candidates:
         _key, i, kind, cost = candidate
         if removed >= target:
@@ -279,19 +304,28 @@ def global_counts(units: dict[int, BlockUnits], opts: AllocationOptions, total: 
         removed += cost
         if kind == 1:
             channels_taken.append((i, cost))
-    for _key, i, kind, cost in deferred:  # only when finer units could not meet the budget
+    return removed, deferred, channels_taken
+
+
+def _take_deferred(deferred: list[Candidate], counts: dict[int, list[int]], removed: int, target: float) -> int:
+    """Count the deferred units into ``counts`` until ``target`` is met (only when finer units could not meet
+    it); returns the parameters removed then."""
+    for _key, i, kind, cost in deferred:
         if removed >= target:
             break
         counts[i][kind] += 1
         removed += cost
-    if removed < target:
-        raise PruneError(f"ratio {opts.ratio:.4g} would empty layers: at most {removed / total:.3f} of the block "
-                         "parameters can be removed with the per-layer minimums")
+    return removed
+
+
+def _return_spare_channels(counts: dict[int, list[int]], channels_taken: list[tuple[int, int]], removed: int,
+                           target: float) -> None:
+    """Give back the last channels taken for as long as ``target`` stays met without them (a deferred
+    attention unit can make them unnecessary)."""
     while channels_taken and removed - channels_taken[-1][1] >= target:
         i, cost = channels_taken.pop()
         counts[i][1] -= 1
         removed -= cost
-    return {i: (a, c) for i, (a, c) in counts.items()}
 
 
 def removed_parameters(units: dict[int, BlockUnits], counts: dict[int, tuple[int, int]]) -> int:

@@ -8,7 +8,7 @@ and down_proj's inputs (:class:`BlockGrams`), from the same forward when both ar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -135,10 +135,10 @@ class BlockStats:
         return _scaled(self.ffn_norms, self.ffn_scaled_sumsq, centred)
 
     def attn_mean(self) -> torch.Tensor:
-        return self.attn_sum / self.tokens
+        return _collected(self.attn_sum, "o_proj") / self.tokens
 
     def ffn_mean(self) -> torch.Tensor:
-        return self.ffn_sum / self.tokens
+        return _collected(self.ffn_sum, "down_proj") / self.tokens
 
     def per_token_head_norms(self) -> torch.Tensor:
         return torch.cat(self.head_token_norms)
@@ -153,6 +153,13 @@ class BlockStats:
     def output_norm(self) -> float:
         """||y||_F of the block output over all calibration tokens."""
         return self.output_sumsq ** 0.5
+
+
+def _collected(total: torch.Tensor | None, projection: str) -> torch.Tensor:
+    """A channel sum, which exists once a calibration forward has passed the projection's inputs."""
+    if total is None:
+        raise ValueError(f"no calibration statistics of {projection}'s inputs: run a calibration forward first")
+    return total
 
 
 def _scaled(plain: Callable[[bool], torch.Tensor], scaled_sumsq: torch.Tensor | None, centred: bool) -> torch.Tensor:
@@ -194,7 +201,7 @@ class BlockGrams:
 
 
 @contextmanager
-def _hooks(pre: list[tuple[nn.Module, Callable]], post: list[tuple[nn.Module, Callable]] = ()):
+def _hooks(pre: Sequence[tuple[nn.Module, Callable]], post: Sequence[tuple[nn.Module, Callable]] = ()):
     """Forward pre-hooks hook(module, args) and forward hooks hook(module, args, output) meanwhile."""
     handles = [module.register_forward_pre_hook(hook) for module, hook in pre]
     handles += [module.register_forward_hook(hook) for module, hook in post]

@@ -12,7 +12,7 @@ from dataclasses import fields, replace
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import get_args
+from typing import Any, TypedDict, get_args
 
 from .compare import CompareSpec, parse_method, results_table, run_compare, write_results
 from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig, Selection
@@ -64,7 +64,16 @@ CORPORA = ", ".join(corpus_names())
 SPLIT_HELP = f"split of a named corpus ({CORPORA}; default test); a text file is evaluated whole"
 CALIBRATION_HELP = (f"train split of {CORPORA}; self (windows the model samples itself, kept in the llm-bip cache); "
                     "or a .txt/.json/.jsonl file")
-CORPORA_EPILOG = {"epilog": corpora_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+class HelpEpilog(TypedDict):
+    """``add_parser`` keywords of a command whose help ends with a preformatted epilog."""
+
+    epilog: str
+    formatter_class: type[argparse.HelpFormatter]
+
+
+CORPORA_EPILOG: HelpEpilog = {"epilog": corpora_help(), "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,22 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("distill", help="recovery by distillation from the unpruned teacher: train the student on "
                        "its next-token distributions, write the student", **CORPORA_EPILOG)
-    d = DistillConfig()
-    _add_training_options(k, d, data_required=False)
+    dd = DistillConfig()
+    _add_training_options(k, dd, data_required=False)
     k.add_argument("--teacher", help="the teacher (default: the model PRUNED was pruned from, as its summary names "
                    "it); it must have the student's vocabulary")
     k.add_argument("--teacher-dtype", choices=list(DTYPES), help="the teacher's dtype (default: --dtype)")
     k.add_argument("--teacher-device", help="the teacher's device (default: each process's training device)")
-    k.add_argument("--temperature", type=float, default=d.temperature,
+    k.add_argument("--temperature", type=float, default=dd.temperature,
                    help="of both distributions in the KL (the loss is scaled by its square)")
-    k.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the language-model loss beside "
+    k.add_argument("--lm-weight", type=float, default=dd.lm_weight, help="weight of the language-model loss beside "
                    "the KL (weight 1)")
-    k.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
+    k.add_argument("--hidden-weight", type=float, default=dd.hidden_weight,
                    help="weight of the block-output loss (student vs teacher, Minitron's intermediate loss)")
     k.add_argument("--teacher-cache", metavar="DIR", help="keep the teacher's top-k log-probabilities of every "
                    "training token in DIR (made once, without the student in memory; reused by every later run on "
                    "the same examples) instead of running the teacher beside the student")
-    k.add_argument("--cache-top-k", type=int, default=d.cache_top_k,
+    k.add_argument("--cache-top-k", type=int, default=dd.cache_top_k,
                    help="tokens per position in --teacher-cache (the rest of the vocabulary is one bucket)")
     return parser
 
@@ -378,22 +387,15 @@ def cmd_eval(args) -> None:
     with log.phase("load"):
         model, tokenizer = load_model(args.model, args.dtype, args.device, prunable=False)
         teacher = load_model(args.teacher, args.dtype, args.device, prunable=False)[0] if args.teacher else None
-    summary = {"model": args.model, "dtype": args.dtype, "device": args.device, "perplexity": [], "zeroshot": None}
+    summary: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "device": args.device, "perplexity": [],
+                               "zeroshot": None}
     if corpora:
         with log.phase("perplexity"):
-            for corpus in corpora:
-                result = perplexity(model, tokenizer, corpus, split, args.seqlen, args.max_tokens, args.batch_size,
-                                    cache=args.cache)
-                print(result)
-                summary["perplexity"].append(result.as_dict())
+            summary["perplexity"] = _eval_perplexities(args, model, tokenizer, corpora, split)
     if teacher is not None and corpora:
         with log.phase("agreement"):
-            summary.update(teacher=args.teacher, agreement=[])
-            for corpus in corpora:
-                result = agreement(model, teacher, tokenizer, corpus, split, args.seqlen, args.max_tokens,
-                                   args.batch_size)
-                print(result)
-                summary["agreement"].append(result.as_dict())
+            summary.update(teacher=args.teacher, agreement=_eval_agreements(args, model, teacher, tokenizer, corpora,
+                                                                            split))
     if tasks:
         with log.phase("zero_shot"):
             summary["zeroshot"] = zero_shot(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit,
@@ -404,6 +406,27 @@ def cmd_eval(args) -> None:
         with atomic_folder(args.out, args.overwrite) as tmp:
             (tmp / EVAL_FILE).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.out}")
+
+
+def _eval_perplexities(args, model, tokenizer, corpora: list[str], split: str) -> list[dict]:
+    """eval's perplexity of ``model`` on each of ``corpora``, each printed as it is measured."""
+    results = []
+    for corpus in corpora:
+        result = perplexity(model, tokenizer, corpus, split, args.seqlen, args.max_tokens, args.batch_size,
+                            cache=args.cache)
+        print(result)
+        results.append(result.as_dict())
+    return results
+
+
+def _eval_agreements(args, model, teacher, tokenizer, corpora: list[str], split: str) -> list[dict]:
+    """eval's KL to ``teacher`` and top-1 agreement with it on each of ``corpora``, each printed as it is measured."""
+    results = []
+    for corpus in corpora:
+        result = agreement(model, teacher, tokenizer, corpus, split, args.seqlen, args.max_tokens, args.batch_size)
+        print(result)
+        results.append(result.as_dict())
+    return results
 
 
 def cmd_bench_speed(args) -> None:

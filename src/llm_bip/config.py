@@ -7,7 +7,7 @@ can only be checked once the layer count is known (``dense_layers``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 from .allocation import AllocationOptions
 from .errors import PruneError
@@ -24,6 +24,8 @@ HeadScore = Literal["channels", "exact"]
 Gqa = Literal["groups", "heads"]
 Compensate = Literal[True, False, "auto"]  # "auto": where the architecture can hold output biases
 Selection = Literal["scores", "refit"]  # refit: by the error the refit leaves (selection.py); needs reconstruct
+
+T = TypeVar("T")
 
 # the options that take one of a fixed set of values
 CHOICES = {"method": Method, "allocation": Allocation, "normalize": Normalize, "lipschitz": Lipschitz,
@@ -64,11 +66,24 @@ class PruneConfig:
 
     def check(self) -> None:
         """Raise PruneError for any value no run can use; needs no model."""
+        self._check_choices()
+        self._check_numbers()
+        self._check_keep_dense()
+        self._check_flags()
+        if not isinstance(self.calibration, str) or not self.calibration:
+            raise PruneError(f"{option_name('calibration')} must name a dataset or a text file, "
+                             f"got {self.calibration!r}")
+
+    def _check_choices(self) -> None:
+        """Every option with a fixed set of values holds one of them (or None, where the method chooses)."""
         for name, choices in CHOICES.items():
             value = getattr(self, name)
             if not (value is None and _method_chooses(name)) and not _one_of(value, get_args(choices)):
                 raise PruneError(f"unknown {option_name(name)} {value!r}; use "
                                  + ", ".join(str(c) for c in get_args(choices)))
+
+    def _check_numbers(self) -> None:
+        """The ratio and the channel floor are shares in range; the counts and the seed are whole numbers."""
         if not _is_number(self.ratio) or not 0 < self.ratio < 1:
             raise PruneError(f"{option_name('ratio')} must be in (0, 1), got {self.ratio}")
         if not _is_number(self.min_channels) or not 0 <= self.min_channels < 1:
@@ -78,16 +93,19 @@ class PruneConfig:
                 raise PruneError(f"{option_name(name)} must be a whole number >= {least}, got {getattr(self, name)!r}")
         if not _is_int(self.seed):
             raise PruneError(f"{option_name('seed')} must be a whole number, got {self.seed!r}")
+
+    def _check_keep_dense(self) -> None:
+        """keep_dense, where given, is a list of layer indices (their range needs the model: dense_layers)."""
         if self.keep_dense is not None and not (isinstance(self.keep_dense, list)
                                                 and all(_is_int(i) for i in self.keep_dense)):
             raise PruneError(f"{option_name('keep_dense')} must be a list of layer indices, got {self.keep_dense!r}")
+
+    def _check_flags(self) -> None:
+        """sequential and reconstruct are booleans (or None, where the method chooses)."""
         for name in ("sequential", "reconstruct"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or (value is None and _method_chooses(name))):
                 raise PruneError(f"{option_name(name)} must be True or False, got {value!r}")
-        if not isinstance(self.calibration, str) or not self.calibration:
-            raise PruneError(f"{option_name('calibration')} must name a dataset or a text file, "
-                             f"got {self.calibration!r}")
 
     def dense_layers(self, num_layers: int) -> list[int]:
         """The indices of the layers kept dense in a model of ``num_layers`` layers (left unset: the
@@ -124,14 +142,26 @@ class PruneConfig:
         fields = SCORING_FIELDS + (("gqa",) if self.selection == "refit" else ())
         return {k: getattr(self, k) for k in fields}
 
+    def compensates(self) -> bool:
+        """Whether the run uses bias compensation: known once resolved and, for "auto", decided for the
+        model's architecture (the Pruner does both)."""
+        compensate = _resolved(self.compensate, "compensate")
+        if not isinstance(compensate, bool):
+            raise ValueError(f"{option_name('compensate')} {compensate!r} is decided for the model's architecture "
+                             "(Pruner) before a run reads it")
+        return compensate
+
     def allocation_options(self) -> AllocationOptions:
+        """The allocator's options (of a resolved config)."""
         return AllocationOptions(
-            ratio=self.ratio, allocation=self.allocation, gqa=self.gqa, normalize=self.normalize,
-            min_channels=self.min_channels, round_to=self.round_to,
+            ratio=self.ratio, allocation=_resolved(self.allocation, "allocation"), gqa=self.gqa,
+            normalize=_resolved(self.normalize, "normalize"), min_channels=self.min_channels, round_to=self.round_to,
         )
 
     def score_options(self) -> ScoreOptions:
-        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, centred=self.compensate,
+        """The metric's options (of a resolved config whose compensation is decided: ``compensates``)."""
+        return ScoreOptions(lipschitz=_resolved(self.lipschitz, "lipschitz"),
+                            head_score=_resolved(self.head_score, "head_score"), centred=self.compensates(),
                             seed=self.seed)
 
 
@@ -140,6 +170,14 @@ def config_for_scores(config: PruneConfig, record: ScoreRecord) -> PruneConfig:
     setting given explicitly must then agree with the record: the Pruner checks)."""
     defaults = PruneConfig()
     return replace(config, **{k: v for k, v in record.settings.items() if getattr(config, k) == getattr(defaults, k)})
+
+
+def _resolved(value: T | None, name: str) -> T:
+    """The value of a field left to the method (None) until ``PruneConfig.resolved()`` fills it in."""
+    if value is None:
+        raise ValueError(f"{option_name(name)} is left to the method until the config is resolved "
+                         "(PruneConfig.resolved)")
+    return value
 
 
 def _method_chooses(name: str) -> bool:

@@ -41,6 +41,7 @@ from .allocation import (
 from .calibration import (
     BlockGrams,
     BlockInputs,
+    BlockStats,
     accumulate_lm_gradients,
     capture_block_inputs,
     collect_block_grams,
@@ -115,7 +116,7 @@ def needs_block_inputs(config: PruneConfig, metric: Metric) -> bool:
     """Whether scoring passes calibration data through the blocks (for statistics, compensation means, the
     Grams of refit-aware selection or of sequential reconstruction; one-shot reconstruction makes its own pass)."""
     return (metric.needs_block_stats or bool(config.compensate) or config.selection == "refit"
-            or (config.sequential and config.reconstruct))
+            or bool(config.sequential and config.reconstruct))
 
 
 def score(stack: Stack, config: PruneConfig, calib: torch.Tensor | None, progress: ProgressStore | None = None,
@@ -223,7 +224,7 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
     cutting = counts is not None
     alloc = config.allocation_options()  # how units are grouped and ordered (its ratio is not read here)
     plans = {}
-    if cutting:
+    if counts is not None:
         plans = {i: select_units(stack.block_units(i, s, alloc), *counts[i]) for i, s in record.scores.items()}
         _recut(stack, plans, start, means)
     for i in tqdm(range(start, len(stack.views)), desc="pruning blocks" if cutting else "scoring blocks"):
@@ -238,8 +239,8 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
                     record.scores[i] = refit_aware_scores(view, grams, record.scores[i], config.gqa)
                 record.norms[i] = stats.output_norm if stats is not None else 1.0
                 if means is not None:
-                    means[i] = (stats.attn_mean(), stats.ffn_mean())
-                if cutting:
+                    means[i] = _calibration_means(stats)
+                if counts is not None:
                     plans[i] = select_units(stack.block_units(i, record.scores[i], alloc), *counts[i])
                     _cut(stack, i, plans[i], means, grams)
                     outputs = forward_block(view, inputs)
@@ -247,6 +248,13 @@ def _pass(stack: Stack, config: PruneConfig, metric: Metric, inputs: BlockInputs
             progress.save(stage, Progress(i + 1, outputs, record))
         inputs = outputs
     return record, plans
+
+
+def _calibration_means(stats: BlockStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's mean o_proj and down_proj inputs, for bias compensation (which always collects statistics)."""
+    if stats is None:
+        raise ValueError("bias compensation needs the block's calibration statistics")
+    return stats.attn_mean(), stats.ffn_mean()
 
 
 def _plans(stack: Stack, record: ScoreRecord, alloc: AllocationOptions) -> dict[int, LayerPlan]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import BlockView, Rows
+from .adapters import BlockView, Norm, Rows
 from .calibration import BlockStats
 from .errors import PruneError
 
@@ -70,6 +70,12 @@ class Metric:
     def check(self, view: BlockView) -> None:
         """A PruneError, before any data is read, where this metric cannot score the block."""
 
+    def block_stats(self, stats: BlockStats | None) -> BlockStats:
+        """``stats``, which a metric that ``needs_block_stats`` is always given."""
+        if stats is None:
+            raise ValueError(f"the {self.name} metric scores from calibration statistics; none were collected")
+        return stats
+
 
 METRICS: dict[str, type[Metric]] = {}
 
@@ -114,12 +120,20 @@ def ffn_lipschitz_on_ball(view: BlockView) -> float:
     W_D [diag(act'(W_G z) * W_U z) W_G + diag(act(W_G z)) W_U], bounded with |act'| <= c,
     |act(u)| <= |u| and |(W z)_i| <= ||W_i|| ||z||.
     """
-    gain = float(view.mlp_norm.gain().abs().max())
+    gain = float(_ffn_input_norm(view).gain().abs().max())
     radius = gain * view.hidden_size ** 0.5
     wg, wu = view.gate.weight.detach().float(), view.up.weight.detach().float()
     row_g, row_u = float(wg.norm(dim=1).max()), float(wu.norm(dim=1).max())
     inner = ACTIVATION_SLOPE_BOUND * spectral_norm(wg) * row_u + spectral_norm(wu) * row_g
     return spectral_norm(view.down.weight) * radius * inner
+
+
+def _ffn_input_norm(view: BlockView) -> Norm:
+    """The norm before the FFN, which the certified bounds go through (``BipMetric.check`` refuses blocks
+    without one)."""
+    if view.mlp_norm is None:
+        raise PruneError("certified bounds go through the norm before the FFN, which this block does not have")
+    return view.mlp_norm
 
 
 def certified_head_bounds(view: BlockView, stats: BlockStats) -> torch.Tensor:
@@ -134,7 +148,7 @@ def certified_head_bounds(view: BlockView, stats: BlockStats) -> torch.Tensor:
     """
     deltas = stats.per_token_head_norms().double()
     residual = stats.per_token_residual_norms().double().unsqueeze(1)
-    norm = view.mlp_norm
+    norm = _ffn_input_norm(view)
     gain, eps, lipschitz = float(norm.gain().abs().max()), norm.eps, ffn_lipschitz_on_ball(view)
     if view.ffn_out_norm is None:
         floor = (residual - deltas).clamp_min(0).pow(2) / view.hidden_size + eps
@@ -163,7 +177,8 @@ class BipMetric(Metric):
 
     name = "bip"
 
-    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        stats = self.block_stats(stats)
         centred = self.options.centred
         channels = stats.ffn_change_norms(centred) * _column_norms(view.down.weight)
         return UnitScores(heads=self.head_scores(view, stats), channels=channels,
@@ -236,7 +251,8 @@ class WandaSpMetric(Metric):
 
     name = "wanda-sp"
 
-    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        stats = self.block_stats(stats)
         attn_channels = _abs_column_sums(view.o.weight) * stats.attn_norms()
         channels = _abs_column_sums(view.down.weight) * stats.ffn_norms()
         return UnitScores.of_channels(attn_channels, channels, view.head_dim)
@@ -255,7 +271,8 @@ class FlapMetric(Metric):
 
     name = "flap"
 
-    def score(self, view: BlockView, stats: BlockStats, index: int) -> UnitScores:
+    def score(self, view: BlockView, stats: BlockStats | None, index: int) -> UnitScores:
+        stats = self.block_stats(stats)
         attn_channels = fluctuation(stats.attn_norms(centred=True), view.o.weight, stats.tokens).pow(2)
         channels = fluctuation(stats.ffn_norms(centred=True), view.down.weight, stats.tokens)
         return UnitScores.of_channels(attn_channels, channels, view.head_dim)

@@ -153,7 +153,7 @@ def save_model(model, tokenizer, out: Path, overwrite: bool, extras: Callable[[P
 
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """``write`` a file under a temporary name, then rename it: it is whole or absent, never partly written."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -165,7 +165,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
         tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
 
 
-def write_cache_entry(entry: Path, write: Callable[[str], None]) -> None:
+def write_cache_entry(entry: Path, write: Callable[[str], object]) -> None:
     """Keep a result in the cache file ``entry`` (``write`` writes it to the path it is given, atomically
     renamed); a cache that cannot be written is no error (the next run computes it again)."""
     try:

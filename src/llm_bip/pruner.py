@@ -169,7 +169,7 @@ class Pruner:
         if self.config.reconstruct:
             return record, cut_and_refit(self.stack, record, alloc, self.config, calib, progress, self.log)
         with self.log.phase("surgery"):
-            return record, cut(self.stack, record, alloc, self.config.compensate)
+            return record, cut(self.stack, record, alloc, self.config.compensates())
 
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None,

@@ -226,24 +226,24 @@ def teacher_answers(plan: TeacherPlan | None, data: TrainingData, objective: Obj
         return data.examples, None
     if plan.cache is not None:
         with log.phase("teacher_cache"):
-            return cached_dataset(plan, data, objective, writer, teacher_device, config), None
+            return cached_dataset(plan, plan.cache, data, objective, writer, teacher_device, config), None
     if writer is not None:
         return data.examples, writer  # the teacher wrote --data self: it stays for training
     with log.phase("load_teacher"):
         return data.examples, load_model(plan.source, plan.dtype, teacher_device)[0]
 
 
-def cached_dataset(plan: TeacherPlan, data: TrainingData, objective: Objective, teacher_model, teacher_device: str,
-                   config: TrainConfig) -> CachedExamples:
-    """The examples with the teacher's top-k log-probabilities, from ``plan.cache``: made here (the teacher
-    loaded alone, then freed) unless a run on the same examples made it before."""
+def cached_dataset(plan: TeacherPlan, folder: Path, data: TrainingData, objective: Objective, teacher_model,
+                   teacher_device: str, config: TrainConfig) -> CachedExamples:
+    """The examples with the teacher's top-k log-probabilities, from the cache ``folder`` (``plan.cache``): made
+    here (the teacher loaded alone, then freed) unless a run on the same examples made it before."""
     key = cache_key(plan.source, data.examples, plan.top_k, objective.temperature)
-    if not is_ready(plan.cache, key):
+    if not is_ready(folder, key):
         teacher_model = teacher_model or load_model(plan.source, plan.dtype, teacher_device)[0]
         tokenizer = load_tokenizer(plan.source)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        build_cache(teacher_model, data.examples, plan.cache, key, config.batch_size, pad_id or 0)
-    return CachedExamples(data.examples, plan.cache)
+        build_cache(teacher_model, data.examples, folder, key, config.batch_size, pad_id or 0)
+    return CachedExamples(data.examples, folder)
 
 
 def train_model(model, tokenizer, dataset, config: TrainConfig, objective: Objective, teacher_model,
@@ -260,7 +260,7 @@ def train_model(model, tokenizer, dataset, config: TrainConfig, objective: Objec
 
 
 def teacher_record(plan: TeacherPlan, device: str) -> dict:
-    record = {"source": plan.source, "dtype": plan.dtype, "device": device}
+    record: dict[str, str | int] = {"source": plan.source, "dtype": plan.dtype, "device": device}
     if plan.cache is not None:
         record.update(cache=str(plan.cache), top_k=plan.top_k)
     return record

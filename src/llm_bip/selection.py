@@ -45,18 +45,20 @@ def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gq
     (whole KV groups or heads, by ``gqa``) over o_proj's columns, FFN channels over down_proj's."""
     hd, width = view.head_dim, view.widths
     heads = torch.tensor(attention_units(width, gqa, view.heads_removable))  # [units, heads of each]
-    per_group = prior.kv_heads is not None and len(heads) == width.num_kv_heads  # a unit holds its K/V head
-    unit_prior = prior.heads.double()[heads].sum(1) + (prior.kv_heads.double() if per_group else 0)
+    # the K/V heads' scores where a unit holds its K/V head, else None
+    kv_heads = prior.kv_heads if len(heads) == width.num_kv_heads else None
+    unit_prior = prior.heads.double()[heads].sum(1) + (kv_heads.double() if kv_heads is not None else 0)
     columns = (heads[:, :, None] * hd + torch.arange(hd)).flatten(1)
     order, _ = greedy_removal(augmented(view.o.weight, view.o.bias), grams.attn, columns, unit_prior)
     source = torch.empty(len(heads), dtype=torch.long)
     source[torch.tensor(order)] = torch.argsort(unit_prior, stable=True)  # whose values each unit takes
+    attn_channels = None
+    if prior.attn_channels is not None:
+        attn_channels = prior.attn_channels.clone()
+        attn_channels[columns] = prior.attn_channels[columns[source]]
     moved = UnitScores(prior.heads.clone(), prior.channels.double().clone(),
-                       prior.kv_heads[source] if per_group else prior.kv_heads,
-                       None if prior.attn_channels is None else prior.attn_channels.clone())
+                       prior.kv_heads if kv_heads is None else kv_heads[source], attn_channels)
     moved.heads[heads] = prior.heads[heads[source]]
-    if moved.attn_channels is not None:
-        moved.attn_channels[columns] = prior.attn_channels[columns[source]]
     channels = torch.arange(width.intermediate_size)[:, None]
     order, _ = greedy_removal(augmented(view.down.weight, view.down.bias), grams.ffn, channels, prior.channels.double())
     moved.channels[torch.tensor(order)] = prior.channels.double().sort().values

@@ -87,8 +87,8 @@ def save_sharded(model, tokenizer, out: Path, overwrite: bool, block_shards: dic
     tensors = _unique_tensors(model)
     weight_map = {name: _shard_of(name, block_shards) for name in tensors}
     with atomic_folder(out, overwrite) as tmp:
-        for prefix, shard in block_shards.items():
-            os.link(shard, tmp / f"{prefix}.safetensors")
+        for prefix, block_file in block_shards.items():
+            os.link(block_file, tmp / f"{prefix}.safetensors")
         for shard in sorted(set(weight_map.values()) - {f"{p}.safetensors" for p in block_shards}):
             wanted = {name: tensors[name] for name, s in weight_map.items() if s == shard}
             save_file(read_tensors(wanted, stored, torch.device("cpu")), str(tmp / shard), SHARD_METADATA)

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import PartialState
@@ -177,13 +178,19 @@ def teacher_top_k(teacher, batch: Sequence[Example], k: int, temperature: float,
 # --------------------------------------------------------------------------- reading
 
 
+class _TensorFile(Protocol):
+    """An open safetensors file (``safetensors.safe_open``), as the reader uses it."""
+
+    def get_tensor(self, name: str) -> torch.Tensor: ...
+
+
 class CachedExamples(torch.utils.data.Dataset):
     """The training examples, each with its cached top-k teacher log-probabilities (read from the shards
     when the example is asked for)."""
 
     def __init__(self, examples: Sequence[Example], folder: Path):
         self.examples, self.folder = examples, folder
-        self.open_shards: dict[int, object] = {}
+        self.open_shards: dict[int, _TensorFile] = {}
 
     def __len__(self) -> int:
         return len(self.examples)

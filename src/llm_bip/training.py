@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .adapters import adapter_for
 from .errors import PruneError
-from .losses import IGNORE_INDEX, hidden_sum, kl_sum, lm_sum, predicting
+from .losses import IGNORE_INDEX, TopK, hidden_sum, kl_sum, lm_sum, predicting
 from .outputs import library_versions
 from .teacher import TeacherSignal
 from .teacher_cache import BATCH_FIELDS, batch_top_k, pad_top_k
@@ -168,6 +168,41 @@ class Collator:
 # --------------------------------------------------------------------------- training
 
 
+def loss_sums(objective: Objective, teacher, outputs, inputs: dict, labels: torch.Tensor,
+              cached: TopK | None) -> dict[str, torch.Tensor]:
+    """The summed losses ``objective`` weighs, of the model's ``outputs`` on a batch; the teacher's signal from the
+    batch's ``cached`` top-k where the teacher cache holds it, else from running ``teacher`` on ``inputs``."""
+    sums = {}
+    if objective.lm:
+        sums["lm"] = lm_sum(outputs.logits, labels)
+    if objective.needs_teacher:
+        signal = TeacherSignal(cached) if cached is not None else teacher.signal(inputs, bool(objective.hidden))
+        sums.update(teacher_sums(objective, outputs, signal, predicting(labels)))
+    return sums
+
+
+def teacher_sums(objective: Objective, outputs, signal: TeacherSignal, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The summed losses against the teacher's ``signal`` that ``objective`` weighs (over ``mask``'s positions)."""
+    sums = {}
+    if objective.kl:
+        sums["kl"] = kl_sum(outputs.logits, signal.logits, mask, objective.temperature)
+    if objective.hidden:
+        if signal.hidden is None:
+            raise ValueError("the block-output loss needs the teacher's block outputs, which a teacher cache does "
+                             "not keep")
+        sums["hidden"] = hidden_sum(outputs.hidden_states[1:], signal.hidden[1:], mask)
+    return sums
+
+
+def loss_means(sums: dict[str, torch.Tensor], positions: torch.Tensor | int, accelerator,
+               device: torch.device) -> dict[str, float]:
+    """Each loss's ``sums`` per predicting position, both summed over all processes, rounded for the log."""
+    names = sorted(sums)
+    totals = torch.stack([sums[n].float() for n in names] + [torch.as_tensor(positions).float().to(device)])
+    totals = accelerator.reduce(totals, reduction="sum")
+    return {n: round(float(v / totals[-1]), 6) for n, v in zip(names, totals[:-1])}
+
+
 def recovery_trainer_class():
     """``RecoveryTrainer``, defined on first use (transformers' Trainer takes seconds to import)."""
     from transformers import Trainer
@@ -185,26 +220,12 @@ def recovery_trainer_class():
             labels = inputs.pop("labels")
             cached = batch_top_k(inputs)
             outputs = model(**inputs, output_hidden_states=bool(self.objective.hidden), use_cache=False)
-            sums = self.loss_sums(outputs, inputs, labels, cached)
+            sums = loss_sums(self.objective, self.teacher, outputs, inputs, labels, cached)
             positions = predicting(labels).sum()
             self.remember(sums, positions)
             total = sum(weight * sums[name] for name, weight in self.objective.weights.items())
             loss = total / self.normaliser(positions, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
-
-        def loss_sums(self, outputs, inputs, labels, cached) -> dict[str, torch.Tensor]:
-            objective, mask = self.objective, predicting(labels)
-            sums = {}
-            if objective.lm:
-                sums["lm"] = lm_sum(outputs.logits, labels)
-            if objective.needs_teacher:
-                signal = TeacherSignal(cached) if cached is not None else self.teacher.signal(inputs,
-                                                                                             bool(objective.hidden))
-                if objective.kl:
-                    sums["kl"] = kl_sum(outputs.logits, signal.logits, mask, objective.temperature)
-                if objective.hidden:
-                    sums["hidden"] = hidden_sum(outputs.hidden_states[1:], signal.hidden[1:], mask)
-            return sums
 
         def normaliser(self, positions: torch.Tensor, num_items_in_batch) -> torch.Tensor:
             """As transformers normalises its own loss: over the whole accumulated batch (all processes') where
@@ -222,11 +243,7 @@ def recovery_trainer_class():
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             """Every loss's mean since the last log (over all processes) beside Trainer's total."""
             if "loss" in logs and self.sums:
-                names = sorted(self.sums)
-                totals = torch.stack([self.sums[n].float() for n in names] + [torch.as_tensor(self.positions).float()
-                                                                              .to(self.args.device)])
-                totals = self.accelerator.reduce(totals, reduction="sum")
-                logs.update({n: round(float(v / totals[-1]), 6) for n, v in zip(names, totals[:-1])})
+                logs.update(loss_means(self.sums, self.positions, self.accelerator, self.args.device))
                 self.sums, self.positions = {}, 0
             super().log(logs, *args, **kwargs)
 

@@ -58,6 +58,24 @@ class DataFile:
     format: str
     content: list[dict] | str | dict[str, str] | None = field(repr=False)
 
+    def records(self) -> list[dict]:
+        """The instruction records of an Alpaca file."""
+        if not isinstance(self.content, list):
+            raise TypeError(f"{self.path}: {self.format} data holds no instruction records")
+        return self.content
+
+    def text(self) -> str:
+        """The text of a text file or a corpus's train split."""
+        if not isinstance(self.content, str):
+            raise TypeError(f"{self.path}: {self.format} data holds no single text")
+        return self.content
+
+    def texts(self) -> dict[str, str]:
+        """The mix's train splits, by corpus."""
+        if not isinstance(self.content, dict):
+            raise TypeError(f"{self.path}: {self.format} data holds no texts by corpus")
+        return self.content
+
 
 @dataclass
 class TrainingData:
@@ -147,7 +165,7 @@ def windows_as_examples(windows: torch.Tensor) -> list[Example]:
 
 
 def instruction_examples(tokenizer, data: DataFile, seqlen: int) -> list[Example]:
-    examples = [instruction_example(tokenizer, r, seqlen) for r in data.content]
+    examples = [instruction_example(tokenizer, r, seqlen) for r in data.records()]
     examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
     if not examples:
         raise PruneError(f"{data.path}: every prompt fills --seqlen {seqlen}, leaving no response tokens to train "
@@ -182,10 +200,10 @@ def build_training_data(tokenizer, data: DataFile, seqlen: int, seed: int, limit
         return TrainingData(data, windows_as_examples(sample(limit)))
     if data.format == "mix":
         parts = [shuffled(text_examples(tokenizer, text, seqlen, f"{name} (train)"), seed)
-                 for name, text in data.content.items()]
+                 for name, text in data.texts().items()]
         return TrainingData(data, taking_turns(parts, limit, data.path))
     if data.format in ("text", "corpus"):
-        examples = text_examples(tokenizer, data.content, seqlen, data.path)
+        examples = text_examples(tokenizer, data.text(), seqlen, data.path)
     else:
         examples = instruction_examples(tokenizer, data, seqlen)
     return TrainingData(data, shuffled(examples, seed)[:limit])

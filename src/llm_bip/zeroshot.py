@@ -117,7 +117,7 @@ def zero_shot(model, tokenizer, tasks: Sequence[str] | dict[str, Task],
 
 def task_scores(metrics: dict, n: int) -> dict:
     """acc / acc_norm with their standard errors from lm_eval's 'metric,filter' keys."""
-    scores = {"n": n}
+    scores: dict[str, float | str] = {"n": n}
     for metric in METRICS:
         if f"{metric},none" in metrics:
             scores[metric] = metrics[f"{metric},none"]
