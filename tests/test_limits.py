@@ -14,6 +14,8 @@ import llm_bip.limits
 from llm_bip.cli import main
 from llm_bip.limits import calibration_bytes
 from llm_bip.loading import read_config
+from llm_bip.pipeline import within_context
+from llm_bip.recovery import DistillConfig
 
 CONTEXT = 64  # the tiny saved model's max_position_embeddings (tiny_models.save_tiny_model)
 
@@ -126,3 +128,10 @@ def test_compare_refuses_a_calibration_window_past_the_context(capsys, work, tin
             "--calib-seqlen", "65", "--out", str(work / "out")]
     assert_fails_cleanly(capsys, argv, work / "out", [tiny_model_dir, calib_text_file],
                          "seqlen (--calib-seqlen) 65 is longer than the model's context of 64")
+
+
+def test_recover_trains_on_windows_within_the_context(tiny_model_dir):
+    """``prune --recover`` has no window option: distill's default windows, cut to a shorter context."""
+    assert DistillConfig().seqlen > CONTEXT
+    assert within_context(DistillConfig(), str(tiny_model_dir)).seqlen == CONTEXT
+    assert within_context(DistillConfig(seqlen=CONTEXT - 1), str(tiny_model_dir)).seqlen == CONTEXT - 1

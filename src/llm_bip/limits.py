@@ -12,9 +12,14 @@ from .errors import PruneError
 FLOAT32 = 4
 
 
+def context_length(config) -> int | None:
+    """The longest window the model was built for (None where its config does not say)."""
+    return getattr(config, "max_position_embeddings", None)
+
+
 def check_window(config, seqlen: int, option: str) -> None:
     """Refuse windows of ``seqlen`` tokens (set by ``option``) longer than the model's context."""
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = context_length(config)
     if limit is not None and seqlen > limit:
         raise PruneError(f"{option} {seqlen} is longer than the model's context of {limit} tokens "
                          f"(max_position_embeddings); use at most {limit}")

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 from .config import PruneConfig
 from .errors import PruneError
 from .job import run_prune
+from .limits import context_length
+from .loading import read_config
 from .outputs import OUTPUT_MARKER, SUMMARY_FILE, check_output_folder, check_replaceable
 from .recovery import DistillConfig, run_distill
-from .sources import local_inputs
+from .sources import local_inputs, resolve_source
 from .training import checkpoint_folder
 
 if TYPE_CHECKING:
@@ -38,6 +40,13 @@ def is_finished(folder: Path) -> bool:
     return (folder / OUTPUT_MARKER).is_file() and (folder / SUMMARY_FILE).is_file()
 
 
+def within_context(recovery: DistillConfig, source: str) -> DistillConfig:
+    """``recovery`` with its training windows no longer than the model's context (``--recover`` has no
+    window option: it trains on distill's default windows, or on the whole context where that is shorter)."""
+    context = context_length(read_config(source, resolve_source(source)))
+    return recovery if context is None or recovery.seqlen <= context else replace(recovery, seqlen=context)
+
+
 def run_prune_and_recover(source: str, out: str | Path, config: PruneConfig, recovery: DistillConfig, *,
                           resume: bool = False, overwrite: bool = False, eval_dataset: str | None = None,
                           eval_seqlen: int = 128, eval_max_tokens: int | None = None, device: str = "cpu",
@@ -48,6 +57,7 @@ def run_prune_and_recover(source: str, out: str | Path, config: PruneConfig, rec
     Returns the summary written to ``out``: the prune's, plus a "distill" section."""
     out = Path(out)
     stage = pruned_stage(out)
+    recovery = within_context(recovery, source)
     check_output_folder(out, overwrite, local_inputs(source, recovery.data))
     if stage.exists():
         check_replaceable(stage)  # a folder llm-bip did not write is never replaced
