@@ -1,4 +1,4 @@
-"""Checkpoints: head counts a config class refuses, pruned-folder dispatch, atomic saves (reload round trips
+"""Loading and saving models: head counts a config class refuses, pruned-folder dispatch, atomic saves (reload round trips
 for every family are in test_conformance.py)."""
 
 import json
