@@ -1,5 +1,5 @@
-"""Loading and saving models: head counts a config class refuses, pruned-folder dispatch, atomic saves (reload round trips
-for every family are in test_conformance.py)."""
+"""Loading and saving models: head counts a config class refuses, pruned-folder dispatch, atomic saves
+(reload round trips for every family are in test_conformance.py)."""
 
 import json
 
