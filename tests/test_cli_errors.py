@@ -15,11 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
 from llm_bip.cli import main
+from llm_bip.errors import PruneError
 from llm_bip.outputs import OUTPUT_MARKER
 
 FAST = ["--samples", "4", "--calib-seqlen", "16", "--eval", "none"]
@@ -355,3 +357,15 @@ def test_console_script_reports_one_line_error(work, tiny_model_dir, calib_text_
     assert "--ratio" in message and "1.5" in message
     assert not out.exists() and list(work.iterdir()) == []
     assert snapshot(tiny_model_dir) == before
+
+
+def test_debug_switch_shows_the_cause_of_a_refusal(monkeypatch, work, tiny_model_dir):
+    """With LLM_BIP_DEBUG=1 a refusal is raised whole, the error it was made from chained as its cause."""
+    monkeypatch.setenv("LLM_BIP_DEBUG", "1")
+    bad = work / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(PruneError, match="not a readable GGUF file") as raised:
+        main(["prune", str(bad), "--out", str(work / "out")])
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "ValueError: no GGUF magic number" in shown and "direct cause of the following exception" in shown
+    assert not (work / "out").exists()

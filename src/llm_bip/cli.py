@@ -38,8 +38,8 @@ from .zeroshot import load_tasks, zero_shot, zero_shot_table
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -333,8 +333,8 @@ def print_row(row: dict) -> None:
 def _ratios(text: str) -> list[float]:
     try:
         return [float(r) for r in text.split(",")]
-    except ValueError:
-        raise PruneError(f"--ratios takes comma-separated fractions, e.g. 0.2,0.5; got {text!r}") from None
+    except ValueError as err:
+        raise PruneError(f"--ratios takes comma-separated fractions, e.g. 0.2,0.5; got {text!r}") from err
 
 
 def cmd_compare(args) -> None:
@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except PruneError as err:
+        if os.environ.get("LLM_BIP_DEBUG"):  # the whole story: where it failed and the error behind it
+            raise
         print(f"llm-bip: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

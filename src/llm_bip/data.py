@@ -197,13 +197,13 @@ def read_text_file(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise PruneError(f"{path}: cannot read ({err.strerror})") from None
+        raise PruneError(f"{path}: cannot read ({err.strerror})") from err
     encoding = next((codec for mark, codec in BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8")
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as err:
         raise PruneError(f"{path}: not {encoding.upper().removesuffix('-SIG')} text (undecodable byte at offset "
-                         f"{err.start}); save it as UTF-8 or with a byte-order mark") from None
+                         f"{err.start}); save it as UTF-8 or with a byte-order mark") from err
     controls = len(CONTROL.findall(text))
     if "\x00" in text or controls > MAX_CONTROL_SHARE * len(text):
         raise PruneError(f"{path}: not text ({controls} of {len(text)} characters are NULs or control characters: "
@@ -221,14 +221,14 @@ def read_json_records(path: Path):
         try:
             return json.loads(raw)
         except json.JSONDecodeError as err:
-            raise PruneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+            raise PruneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
     values = []
     for number, line in enumerate(raw.splitlines(), 1):
         if line.strip():
             try:
                 values.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise PruneError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+                raise PruneError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
     return values
 
 
@@ -263,7 +263,7 @@ def _load_hub_text(name: str, split: str) -> str:
             return "\n\n".join(ds.select(range(min(len(ds), 20000)))["text"])
         ds = datasets.load_dataset(path, config, split=hub_split)
     except Exception as err:  # network and hub errors come in many types
-        raise PruneError(f"could not load dataset {name!r} from the hub: {type(err).__name__}: {err}") from None
+        raise PruneError(f"could not load dataset {name!r} from the hub: {type(err).__name__}: {err}") from err
     return "\n\n".join(ds["text"])
 
 

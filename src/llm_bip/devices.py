@@ -23,8 +23,8 @@ def check_device(name: str, dtype: str = "float32") -> None:
     that half precision on the CPU is slow."""
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise PruneError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError) as err:
+        raise PruneError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from err
     if device.type == "cuda":
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:

@@ -296,7 +296,7 @@ def hf_tokenizer_fields(source: str, tokenizer) -> dict[str, gguf.GGUFValue]:
         vocab = gguf.vocab.BpeVocab(folder)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise PruneError(f"{source}: its tokenizer is not a byte-level BPE one, which is all llm-bip builds a "
-                         f"GGUF vocabulary from ({err})") from None
+                         f"GGUF vocabulary from ({err})") from err
     texts = [text for text, _, _ in vocab.all_tokens()]
     recorder = gguf.GGUFWriter(None, "llama")  # no file: collects the fields its helpers add
     recorder.add_tokenizer_model(vocab.tokenizer_model)
@@ -316,7 +316,7 @@ def sentencepiece_fields(source: str, folder: Path, tokenizer, rows: int) -> dic
     try:
         vocab = gguf.vocab.SentencePieceVocab(folder)
     except (OSError, RuntimeError, ValueError) as err:
-        raise PruneError(f"{folder / 'tokenizer.model'}: not a readable SentencePiece model ({err})") from None
+        raise PruneError(f"{folder / 'tokenizer.model'}: not a readable SentencePiece model ({err})") from err
     tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
     missing = range(len(tokens), rows)
     tokens += [f"[PAD{i}]".encode() for i in missing]

@@ -23,8 +23,8 @@ def require_llama_cpp():
     """The llama_cpp module, or a PruneError saying how to install it."""
     try:
         import llama_cpp
-    except ImportError:
-        raise PruneError(f"this needs llama.cpp's Python binding: {INSTALL_HINT}") from None
+    except ImportError as err:
+        raise PruneError(f"this needs llama.cpp's Python binding: {INSTALL_HINT}") from err
     return llama_cpp
 
 
@@ -53,7 +53,7 @@ def open_gguf(path: str | Path, context: int = 512, logits_all: bool = True, thr
                                 logits_all=logits_all, n_threads=threads or os.cpu_count(), flash_attn=flash_attn,
                                 type_k=cache_type, type_v=cache_type, verbose=False)
     except ValueError as err:
-        raise PruneError(f"{path}: llama.cpp cannot load it ({err})") from None
+        raise PruneError(f"{path}: llama.cpp cannot load it ({err})") from err
     try:
         yield model
     finally:

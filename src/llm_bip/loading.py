@@ -44,7 +44,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str 
     except PruneError:
         raise
     except Exception as err:
-        raise PruneError(f"{source}: cannot load model ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{source}: cannot load model ({type(err).__name__}: {err})") from err
     check_tokenizer_fits(source, tokenizer, model)
     model.eval()
     return model.to(device), tokenizer
@@ -56,7 +56,7 @@ def read_config(source: str, location: Path | str, prunable: bool = True):
     try:
         config = AutoConfig.from_pretrained(location)
     except Exception as err:
-        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from err
     if prunable:
         adapter_for(config)
     return config
@@ -70,7 +70,7 @@ def load_stock(location: Path | str, dtype: torch.dtype):
             model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
                                                                ignore_mismatched_sizes=True)
     except SafetensorError as err:
-        raise PruneError(f"{location}: a weights file is corrupted or truncated ({err})") from None
+        raise PruneError(f"{location}: a weights file is corrupted or truncated ({err})") from err
     check_weights_match(location, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
     return model.eval()
 

@@ -147,7 +147,7 @@ def open_offloaded(source: str, dtype: str, device: str, partial: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except Exception as err:
-        raise PruneError(f"{source}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{source}: cannot load its tokenizer ({type(err).__name__}: {err})") from err
     check_tokenizer_fits(source, tokenizer, model)
     if (location / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(location)

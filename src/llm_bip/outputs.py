@@ -117,7 +117,7 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         follow_umask(tmp)
         _move_into_place(tmp, out, overwrite)
     except (OSError, SafetensorError) as err:
-        raise PruneError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from None
+        raise PruneError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}") from err
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +160,7 @@ def write_atomically(path: Path, write: Callable[[str], object]) -> None:
         write(str(tmp))
         os.replace(tmp, path)
     except (OSError, SafetensorError) as err:
-        raise PruneError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+        raise PruneError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from err
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
 

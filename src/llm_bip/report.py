@@ -56,7 +56,7 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise PruneError(f"{path}: cannot read JSON ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{path}: cannot read JSON ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict):
         raise PruneError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -67,7 +67,7 @@ def read_scores(path: Path) -> dict[int, dict[str, np.ndarray]]:
     try:
         tensors = load_file(str(path))
     except Exception as err:
-        raise PruneError(f"{path}: cannot read scores ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{path}: cannot read scores ({type(err).__name__}: {err})") from err
     scores: dict[int, dict[str, np.ndarray]] = {}
     for key, values in tensors.items():
         match = SCORE_KEY.fullmatch(key)

@@ -91,7 +91,7 @@ def load_scores(path: str | Path) -> ScoreRecord:
             meta = json.loads((f.metadata() or {})[METADATA_KEY])
         tensors = load_file(str(path))
     except (SafetensorError, KeyError, ValueError, OSError) as err:
-        raise PruneError(f"--scores {path}: not a scores file written by llm-bip prune ({err})") from None
+        raise PruneError(f"--scores {path}: not a scores file written by llm-bip prune ({err})") from err
     layers = sorted({int(k.split(".")[0][5:]) for k in tensors if k.endswith(".heads")})
     means = {i: (tensors[f"layer{i}.attn_mean"], tensors[f"layer{i}.ffn_mean"])
              for i in layers if f"layer{i}.attn_mean" in tensors}

@@ -38,7 +38,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(shard))
         except SafetensorError as err:
-            raise PruneError(f"{shard}: corrupted or truncated safetensors file ({err})") from None
+            raise PruneError(f"{shard}: corrupted or truncated safetensors file ({err})") from err
     return state
 
 
@@ -52,7 +52,7 @@ def stored_tensors(folder: Path) -> dict[str, tuple[Path, torch.Size]]:
                 for name in f.keys():
                     stored[name] = (shard, torch.Size(f.get_slice(name).get_shape()))
         except (SafetensorError, OSError) as err:
-            raise PruneError(f"{shard}: missing, corrupted or truncated safetensors file ({err})") from None
+            raise PruneError(f"{shard}: missing, corrupted or truncated safetensors file ({err})") from err
     return stored
 
 

@@ -88,7 +88,7 @@ def gguf_architecture(path: Path) -> str:
                     return _read_string(f)
                 _skip_value(f, kind)
     except (struct.error, ValueError, UnicodeDecodeError, KeyError) as err:
-        raise PruneError(f"{path}: not a readable GGUF file ({err})") from None
+        raise PruneError(f"{path}: not a readable GGUF file ({err})") from err
     raise PruneError(f"{path}: the GGUF header names no general.architecture")
 
 
@@ -139,7 +139,7 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:
-        raise PruneError(f"{gguf}: could not read GGUF file ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{gguf}: could not read GGUF file ({type(err).__name__}: {err})") from err
     config = model.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -124,7 +124,7 @@ def check_positions(source: str, settings: SpeedSettings) -> None:
     try:
         limit = AutoConfig.from_pretrained(location).max_position_embeddings
     except Exception as err:
-        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{source}: cannot read its config ({type(err).__name__}: {err})") from err
     if settings.positions > limit:
         raise PruneError(f"{source}: the measurements need {settings.positions} positions (--lengths, or "
                          f"--prompt-length + --decode-tokens), more than its max_position_embeddings {limit}")

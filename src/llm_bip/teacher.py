@@ -50,7 +50,7 @@ def load_tokenizer(source: str):
     except PruneError:
         raise
     except Exception as err:
-        raise PruneError(f"{source}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+        raise PruneError(f"{source}: cannot load its tokenizer ({type(err).__name__}: {err})") from err
 
 
 def check_same_vocabulary(student: str, teacher: str) -> None:

@@ -80,13 +80,13 @@ def _load_task(manager: TaskManager, name: str) -> dict[str, Task]:
     try:
         with _quiet_lm_eval():
             tasks = manager.load([name])["tasks"]
-    except ConnectionError:  # what datasets raises when the hub is offline or unreachable
+    except ConnectionError as err:  # what datasets raises when the hub is offline or unreachable
         hub = "offline here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline(*OFFLINE_VARS) else "unreachable"
         raise PruneError(f"task {name!r} needs its data from the Hugging Face hub, which is {hub}; pass folders "
                          f"of local task YAMLs with --include-path (llm-bip ships {', '.join(shipped_tasks())})"
-                         ) from None
+                         ) from err
     except Exception as err:
-        raise PruneError(f"task {name!r} could not be loaded: {type(err).__name__}: {err}") from None
+        raise PruneError(f"task {name!r} could not be loaded: {type(err).__name__}: {err}") from err
     for task_name, task in tasks.items():
         if not set(METRICS) & set(task.aggregation()):
             raise PruneError(f"task {task_name!r} reports no accuracy (metrics: {', '.join(task.aggregation())}); "
