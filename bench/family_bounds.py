@@ -1,33 +1,24 @@
 """How tight the LLM-BIP scores are on every family, against brute-force removal of every unit.
 
-For tiny random models of each family (tests/tiny_models.py: the conformance suite's models), block 2 of 3
+For tiny random models of each family (src/llm_bip/testing.py: the conformance suite's models), block 2 of 3
 in float64: every FFN channel and every query head is removed alone and the block output's change
 ||y - y'||_F measured. Reported per variant: change / score for the default FFN channel score and the
 certified head bound (1 = exact; <= 1 = a bound), and Spearman's rank correlation of score and change
 (how well the score orders the units, which is what pruning uses), next to the same correlation for the
 score that ignores an FFN output norm (``unscaled``: ||a_j|| ||W_D[:, j]||, what a Llama-only tool computes). Writes
-bench/results/family_bounds.{json,md}.
+bench/results/family_bounds.{json,md}. The models are the tests' (llm_bip.testing):
 
     python bench/family_bounds.py
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
+from bench_results import write_rows
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's tiny models
-
-from bench_results import write_rows  # noqa: E402
-from test_conformance import block_setup  # noqa: E402
-from test_scores import output_change  # noqa: E402
-from tiny_models import VARIANTS  # noqa: E402
-
-from llm_bip.metrics import ScoreOptions, make_metric  # noqa: E402
-from llm_bip.surgery import head_channels  # noqa: E402
+from llm_bip.metrics import ScoreOptions, make_metric
+from llm_bip.surgery import head_channels
+from llm_bip.testing import VARIANTS, block_setup, output_change
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +32,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def measure(variant: str) -> dict:
-    view, inputs, stats, y = block_setup(variant)
+    view, inputs, stats, y = block_setup(variant, layer=2, layers=3)  # the conformance suite's block
     channels = make_metric("bip", ScoreOptions()).score(view, stats, view.index).channels
     channel_change = torch.tensor([output_change(view, inputs, y, view.down.weight, [j])
                                    for j in range(view.widths.intermediate_size)], dtype=torch.float64)

@@ -6,30 +6,24 @@ each: the default ``bip`` at 20% and the uniform allocation at 20% and 50% (no c
 16 random windows of 128 tokens; the pruned model saved and reloaded (stock ``from_pretrained`` or
 ``load_pruned``, as the folder says) with its logits compared; uniform widths exported to GGUF (f32) and run
 by llama.cpp, logits compared.
-Writes bench/results/family_shapes.{json,md}.
+Writes bench/results/family_shapes.{json,md}. The models are built with the tests' builder (llm_bip.testing):
 
     python bench/family_shapes.py
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_results import write_rows
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the conformance suite's model builder
-
-from bench_results import write_rows  # noqa: E402
-from test_gguf_export import TOKEN_IDS_ONLY  # noqa: E402
-from tiny_models import build_model  # noqa: E402
-
-from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model  # noqa: E402
-from llm_bip.gguf_export import write_file  # noqa: E402
-from llm_bip.llamacpp import open_gguf, window_logits  # noqa: E402
+from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
+from llm_bip.gguf_export import write_file
+from llm_bip.llamacpp import open_gguf, window_logits
+from llm_bip.testing import TOKEN_IDS_ONLY, build_model
 
 VOCAB = 512
 TWO_KINDS = dict(sliding_window=64, layer_types=["sliding_attention", "full_attention"])

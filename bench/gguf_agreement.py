@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from llm_bip import load_model
 from llm_bip.evaluation import text_windows
-from llm_bip.gguf_export import export_gguf
+from llm_bip.gguf_export import run_export
 from llm_bip.llamacpp import open_gguf, window_logits
 
 RESULTS = Path(__file__).parent / "results"
@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 
 @torch.no_grad()
 def agreement(run: str, gguf_file: Path, threads: int) -> dict:
-    export_gguf(run, gguf_file, "f32", overwrite=True)
+    run_export(run, gguf_file, "f32", overwrite=True)
     model, tokenizer = load_model(run)
     windows = text_windows(tokenizer, "ptb", "test", 128, None)
     agree, largest, nll = 0, 0.0, {"pytorch": 0.0, "llama_cpp": 0.0}

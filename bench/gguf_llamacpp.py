@@ -21,11 +21,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from llm_bip import PruneConfig, load_model, perplexity
-from llm_bip.gguf_export import export_gguf
+from llm_bip.gguf_export import run_export
 from llm_bip.job import run_prune
 from llm_bip.llamacpp import generation_seconds, gguf_perplexity, open_gguf, prompt_seconds
 from llm_bip.outputs import SCORES_FILE
-from llm_bip.speed import decode_context, macs_per_token, prefill_context
+from llm_bip.speed_macs import decode_context, macs_per_token, prefill_context
 from llm_bip.tables import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,7 +94,7 @@ def bench(work: Path, types: list[str], threads: int, repeats: int, max_tokens: 
         for file_type in types:
             path = work / f"{name}-{file_type}.gguf"
             if not path.is_file():
-                export_gguf(source, path, file_type)
+                run_export(source, path, file_type)
             ppl = gguf_perplexity(path, tokenizer, "ptb", "test", 128, max_tokens, threads).ppl
             rows[name, file_type] = {"model": name, "type": file_type, "bytes": path.stat().st_size, **macs,
                                      "pytorch_f32_ppl": pytorch_ppl, "ptb_test_ppl": ppl}

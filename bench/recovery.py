@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from llm_bip.evaluation import agreement, perplexity
 from llm_bip.loading import load_model
+from llm_bip.logs import console_output
 from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_finetune
 from llm_bip.tables import markdown_table
 
@@ -141,7 +142,8 @@ def run_row(spec: str, runs: Path, steps: int, curve: set[int], whole: bool, tea
     out = runs / "rows" / row_key(spec, steps)
     points = Curve({s for s in curve if s < steps}, teacher_tokenizer)
     job = run_finetune if command == "finetune" else run_distill
-    summary = job(source, out, config, overwrite=True, callbacks=[points], echo=print)[command]
+    with console_output():
+        summary = job(source, out, config, overwrite=True, callbacks=[points])[command]
     student, tokenizer = load_model(str(out))
     train = summary["phases"]["train"]
     return {**record, "key": row_key(spec, steps), "config": summary["config"], "steps": summary["steps"],

@@ -22,8 +22,8 @@ from llm_bip.config import PruneConfig
 from llm_bip.data import calibration_ids
 from llm_bip.evaluation import perplexity
 from llm_bip.loading import load_model
+from llm_bip.options import SCORING_FIELDS
 from llm_bip.pruner import Pruner
-from llm_bip.scores import SCORING_FIELDS
 
 
 def valid_ppl(model, tokenizer, texts: list[str], max_tokens: int | None) -> dict[str, float]:

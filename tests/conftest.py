@@ -1,5 +1,5 @@
 """Shared fixtures: an offline environment, a tiny LLaMA model folder and a calibration text file
-(the models and tokenizer themselves come from tiny_models.py)."""
+(the models and tokenizer themselves come from llm_bip/testing.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 SESSION_CACHE = tempfile.TemporaryDirectory(prefix="llm-bip-test-cache-")
 os.environ["LLM_BIP_CACHE"] = SESSION_CACHE.name
 
-from tiny_models import calibration_text, save_tiny_model  # noqa: E402
+from llm_bip.testing import calibration_text, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

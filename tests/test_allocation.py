@@ -2,14 +2,16 @@
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 from transformers import LlamaConfig
 
 from llm_bip import PruneConfig, PruneError, prune
-from llm_bip.allocation import AllocationOptions, allocate, removed_parameters
+from llm_bip.allocation import allocate
 from llm_bip.engine import Stack, size_counts
 from llm_bip.loading import empty_model
 from llm_bip.metrics import UnitScores
+from llm_bip.options import AllocationOptions
+from llm_bip.testing import random_ids, tiny_model
+from llm_bip.units import removed_parameters
 
 CHANNEL = 3 * 48  # parameters of one tiny_model FFN channel: gate row, up row, down column
 
@@ -100,7 +102,7 @@ def test_round_to_keeps_min_channels():
 
 def stack_of(**sizes) -> Stack:
     """A Llama stack of these sizes on the meta device: sizes and costs, no weights."""
-    return Stack(empty_model(LlamaConfig(**sizes)), PruneConfig())
+    return Stack(empty_model(LlamaConfig(**sizes)))
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "block", "global"])

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, PruneError, prune
 from llm_bip.adapters import Rows, adapter_for
-from llm_bip.allocation import BlockCosts, block_units, ranking_keys
 from llm_bip.calibration import accumulate_lm_gradients, capture_block_inputs, collect_block_stats
 from llm_bip.metrics import ScoreOptions, UnitScores, make_metric
+from llm_bip.ranking import ranking_keys
+from llm_bip.testing import random_ids, tiny_model
+from llm_bip.units import BlockCosts, block_units
 
 
 def block_inputs(model, ids):
@@ -164,7 +165,7 @@ def three_group_block(group_channels: list[float]) -> UnitScores:
 def test_channel_standardised_ranking_sees_how_weak_a_group_is():
     """With 3 KV groups, z-scores over units put the weakest group between -1.155 and -0.577 whatever
     the scores; standardised over channels, a group's key follows its scores against the layer's."""
-    from llm_bip.allocation import standardised
+    from llm_bip.ranking import standardised
 
     model = tiny_model("llama-gqa-bias")
     view = adapter_for(model.config).block(model, 0)

@@ -8,10 +8,8 @@ the installed console script to check the same from a real process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,90 +17,13 @@ import traceback
 from pathlib import Path
 
 import pytest
+from helpers import assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
 
 from llm_bip.cli import main
 from llm_bip.errors import PruneError
 from llm_bip.outputs import OUTPUT_MARKER
 
-FAST = ["--samples", "4", "--calib-seqlen", "16", "--eval", "none"]
-
-# One tqdm progress-bar frame, e.g. "Loading weights:  50%|█████     | 1/2 [00:00<00:00, 9.1it/s]".
-PROGRESS_FRAME = re.compile(r"[^\r\n|]*\d+%\|[^\r\n|]*\| *[\d.?]+[kMG]?/[\d.?]+[kMG]? \[[^\]\r\n]*\] *")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def snapshot(path: Path) -> dict[str, tuple]:
-    """Every file and folder under ``path`` (or the file itself): kind, size, mtime and content hash."""
-    path = Path(path)
-    entries = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
-    state = {}
-    for p in entries:
-        st = p.stat()
-        key = str(p.relative_to(path)) if p != path else "."
-        if p.is_dir():
-            state[key] = ("dir", st.st_mtime_ns)
-        else:
-            state[key] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-    return state
-
-
-def is_progress_line(line: str) -> bool:
-    frames = [f for f in line.split("\r") if f.strip()]
-    return bool(frames) and all(PROGRESS_FRAME.fullmatch(f) for f in frames)
-
-
-def error_message(stderr: str) -> str:
-    """The text after ``llm-bip: error: `` of the one message line in ``stderr``."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.split("\n") if line.strip() and not is_progress_line(line)]
-    assert len(lines) == 1, f"expected exactly one message line on stderr, got:\n{stderr}"
-    assert lines[0].startswith("llm-bip: error: "), lines[0]
-    assert stderr.rstrip().endswith(lines[0]), "the error must be the last thing on stderr"
-    return lines[0][len("llm-bip: error: "):]
-
-
-def prune_args(model, out: Path, calib: Path | str, *extra: str) -> list[str]:
-    return ["prune", str(model), "--out", str(out), "--calibration", str(calib), *FAST, *extra]
-
-
-def assert_fails_cleanly(capsys, argv: list[str], out: Path, inputs: list[Path], *words: str, code: int = 2,
-                         mid_write: bool = False) -> str:
-    """Run ``main(argv)``; check it fails with a one-line message holding ``words``, writes nothing
-    next to ``out`` and leaves ``inputs`` untouched. Returns the message. ``mid_write``: the failure
-    comes once the temporary sibling was made, so only the parent folder's own mtime may change."""
-    inputs = [Path(p) for p in inputs if Path(p).exists()]
-    before_inputs = {p: snapshot(p) for p in inputs}
-
-    def parent_state() -> dict[str, tuple]:
-        state = snapshot(out.parent)
-        if mid_write:
-            state.pop(".")
-        return state
-
-    before_parent = parent_state() if out.parent.exists() else None
-    capsys.readouterr()
-    rc = main(argv)
-    captured = capsys.readouterr()
-    assert rc == code, (rc, captured.err)
-    message = error_message(captured.err)
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in {message!r}"
-    if out.parent.exists():
-        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
-        assert parent_state() == before_parent, "something was written next to --out"
-    for p in inputs:
-        assert snapshot(p) == before_inputs[p], f"input {p} changed"
-    return message
-
-
-def earlier_output(out: Path) -> Path:
-    """``out`` as an earlier llm-bip run left it (its marker file, and one file of its own)."""
-    out.mkdir()
-    (out / OUTPUT_MARKER).write_text('{"written_by": "llm-bip"}')
-    (out / "earlier.txt").write_text("an earlier run")
-    return out
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture

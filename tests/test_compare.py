@@ -5,15 +5,15 @@ import json
 from dataclasses import replace
 
 import pytest
-from tiny_models import calibration_text
 
 from llm_bip.cli import main
-from llm_bip.compare import CompareSpec, parse_method, run_compare
+from llm_bip.compare import CompareSpec, compare_models, parse_method
 from llm_bip.errors import PruneError
 from llm_bip.evaluation import perplexity
 from llm_bip.loading import load_model
 from llm_bip.pruner import PruneConfig, Pruner
 from llm_bip.selfcalib import calibration_batch
+from llm_bip.testing import calibration_text
 
 
 def test_compare_end_to_end(tiny_model_dir, calib_text_file, tmp_path, capsys):
@@ -75,7 +75,7 @@ def test_each_method_prunes_on_its_own_calibration(tiny_model_dir, calib_text_fi
     base = PruneConfig(calibration=str(calib_text_file), n_samples=4, seqlen=16, batch_size=2)
     spec = CompareSpec(methods=["bip", f"bip:calibration={other}", f"flap:calibration={other}"], ratios=[0.3],
                        seqlens=[16], datasets=[str(calib_text_file)], base=base)
-    results = run_compare(model, tokenizer, spec)
+    results = compare_models(model, tokenizer, spec)
     assert [c["calibration"] for c in results["calibrations"]] == [str(calib_text_file), str(other)]
     assert all(c["tokens"] == 4 * 16 for c in results["calibrations"])
     rows = results["rows"][1:]

@@ -4,14 +4,16 @@ and messages name both the field and the CLI option that sets it."""
 from __future__ import annotations
 
 import re
+from dataclasses import FrozenInstanceError, asdict, fields
 from typing import get_args
 
 import pytest
-from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, PruneError, prune, run_prune
-from llm_bip.config import Method
+from llm_bip.config import Method, PrunePlan
 from llm_bip.methods import METHODS
+from llm_bip.pruner import Pruner
+from llm_bip.testing import random_ids, tiny_model
 
 BAD_OPTIONS = [
     ("method", "nope", "method (--method)"),
@@ -67,3 +69,23 @@ def test_run_prune_checks_options_before_loading(tmp_path):
     with pytest.raises(PruneError, match="lipschitz"):  # the model does not exist: it was never loaded
         run_prune(str(tmp_path / "no-such-model"), tmp_path / "out", PruneConfig(lipschitz="bad"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_plan_is_frozen_fully_explicit_and_what_the_summary_records(method):
+    config = PruneConfig(method=method, keep_dense=[-1], ratio=0.3)
+    pruner = Pruner(tiny_model(layers=3), config)
+    plan = pruner.plan
+    values = asdict(plan)
+    assert [f.name for f in fields(PrunePlan)] == [f.name for f in fields(PruneConfig)]
+    assert not [k for k, v in values.items() if v is None or v == "auto"]
+    assert plan.keep_dense == (2,) and isinstance(plan.compensate, bool)
+    with pytest.raises(FrozenInstanceError):
+        plan.ratio = 0.5  # type: ignore[misc]
+    summary = pruner.run(random_ids() if pruner.needs_data else None).summary()
+    assert summary["config"] == plan.as_dict() == {**values, "keep_dense": [2]}
+
+
+def test_plan_refuses_keeping_every_layer_dense():
+    with pytest.raises(PruneError, match="every layer is kept dense: nothing to prune"):
+        Pruner(tiny_model(layers=2), PruneConfig(keep_dense=[0, 1]))

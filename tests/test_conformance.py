@@ -1,5 +1,5 @@
 """The conformance suite every architecture adapter passes, over tiny random models of every family built
-in-process (tiny_models.VARIANTS: MHA, GQA and MQA where the family has them, with and without biases,
+in-process (llm_bip.testing.VARIANTS: MHA, GQA and MQA where the family has them, with and without biases,
 Gemma's 256-wide heads over one KV head, Qwen3's 128-wide heads, sliding-window layers next to global ones).
 
 Each block is fed the keyword arguments the model gives it; pruned equals masked; the FFN score is the
@@ -17,14 +17,10 @@ import json
 
 import pytest
 import torch
-from test_cli_errors import prune_args
-from test_offload import assert_same_output
-from test_scores import block_setup as scored_block
-from test_scores import output_change
-from tiny_models import ARCHITECTURES, VARIANTS, build_tokenizer, random_ids, tiny_model
+from helpers import assert_same_output, prune_args
 from transformers import AutoModelForCausalLM
 
-from llm_bip import PruneConfig, PruneError, export_gguf, load_pruned, prune, save_model
+from llm_bip import PruneConfig, PruneError, load_pruned, prune, run_export, save_model
 from llm_bip.adapters import adapter_for, supported_model_types
 from llm_bip.calibration import capture_block_inputs, forward_block
 from llm_bip.cli import main
@@ -33,6 +29,8 @@ from llm_bip.methods import METHODS
 from llm_bip.metrics import ScoreOptions, make_metric
 from llm_bip.pruner import note_heads_kept
 from llm_bip.surgery import head_channels
+from llm_bip.testing import ARCHITECTURES, VARIANTS, build_tokenizer, output_change, random_ids, tiny_model
+from llm_bip.testing import block_setup as scored_block
 
 ALL = sorted(VARIANTS)
 ONE_PER_FAMILY = sorted({architecture: name for name, (architecture, _) in reversed(VARIANTS.items())}.values())
@@ -68,7 +66,7 @@ def test_blocks_run_alone_reproduce_the_model(variant):
 
 
 def block_setup(variant: str):
-    """Block 2 of a 3-block float64 model (test_scores.block_setup): a sliding-window block in the mixed families."""
+    """Block 2 of a 3-block float64 model (testing.block_setup): a sliding-window block in the mixed families."""
     return scored_block(variant, layer=2, layers=3)
 
 
@@ -284,7 +282,7 @@ def test_gguf_export_refuses_per_layer_widths_where_llama_cpp_holds_one(variant,
     assert model.config.is_heterogeneous
     save_model(model, build_tokenizer(), tmp_path / "model", overwrite=False)
     with pytest.raises(PruneError, match="one head count and one FFN width.*--allocation uniform"):
-        export_gguf(str(tmp_path / "model"), tmp_path / "out.gguf")
+        run_export(str(tmp_path / "model"), tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_tokenizer
 
 from llm_bip.cli import main
 from llm_bip.data import (
@@ -25,6 +24,7 @@ from llm_bip.data import (
     load_text,
 )
 from llm_bip.errors import PruneError
+from llm_bip.testing import build_tokenizer
 
 BOOKS = {"warpeace": WAR_AND_PEACE, "sherlock": SHERLOCK_HOLMES, "ushistory": US_HISTORY, "surgery": SURGERY}
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from test_cli_errors import FAST, assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
-from tiny_models import build_tokenizer, tiny_model
+from helpers import FAST, assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
 
 from llm_bip.cli import main
 from llm_bip.data import read_text_file
@@ -27,6 +26,7 @@ from llm_bip.errors import PruneError
 from llm_bip.evaluation import perplexity
 from llm_bip.outputs import OUTPUT_MARKER, save_model
 from llm_bip.sources import gguf_architecture
+from llm_bip.testing import build_tokenizer, tiny_model
 
 EVAL = ["--seqlen", "16", "--max-tokens", "64"]
 

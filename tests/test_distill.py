@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from functools import partial
@@ -12,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate_launch import DATA_PARALLEL, FSDP_CONFIG, launch
+from helpers import assert_fails_cleanly, stop_after_save
 from safetensors.torch import load_file
-from test_cli_errors import assert_fails_cleanly
-from test_finetune import StopAfterSave
-from tiny_models import build_model, build_tokenizer, calibration_text
 
 from llm_bip import PruneConfig, PruneError
 from llm_bip.cli import main
@@ -28,6 +27,7 @@ from llm_bip.recovery import DistillConfig, FinetuneConfig, run_distill, run_fin
 from llm_bip.selfcalib import self_calibration_ids
 from llm_bip.teacher import OnlineTeacher
 from llm_bip.teacher_cache import CachedExamples, build_cache, cache_key, teacher_top_k
+from llm_bip.testing import build_model, build_tokenizer, calibration_text
 from llm_bip.training import Collator, train, trainable, training_arguments
 from llm_bip.training_data import DataFile, build_training_data, read_data
 
@@ -242,7 +242,7 @@ def test_the_summary_records_the_teacher_and_the_losses(student_dir, tiny_model_
 def test_resume_gives_the_weights_of_an_uninterrupted_run(student_dir, data_file, tmp_path):
     config = config_for(data_file, max_steps=4, save_steps=2, lr=1e-2)
     with pytest.raises(KeyboardInterrupt):
-        run_distill(str(student_dir), tmp_path / "resumed", config, callbacks=[StopAfterSave(2)])
+        run_distill(str(student_dir), tmp_path / "resumed", config, callbacks=[stop_after_save(2)])
     resumed = run_distill(str(student_dir), tmp_path / "resumed", config, resume=True)["distill"]
     straight = run_distill(str(student_dir), tmp_path / "straight", config)["distill"]
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == straight["steps"] == 4
@@ -256,7 +256,8 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(student_dir, data_file
 # --------------------------------------------------------------------------- prune, then recover
 
 
-def test_prune_and_recover_resumes_at_the_phase_it_stopped_in(tiny_model_dir, calib_text_file, data_file, tmp_path):
+def test_prune_and_recover_resumes_at_the_phase_it_stopped_in(tiny_model_dir, calib_text_file, data_file, tmp_path,
+                                                              caplog):
     prune_config = PruneConfig(ratio=0.3, calibration=str(calib_text_file), n_samples=4, seqlen=16)
     recovery = config_for(data_file, max_steps=4, save_steps=2)
     run = partial(run_prune_and_recover, str(tiny_model_dir), config=prune_config, recovery=recovery,
@@ -268,12 +269,13 @@ def test_prune_and_recover_resumes_at_the_phase_it_stopped_in(tiny_model_dir, ca
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(out, callbacks=[StopAfterSave(2)])
+        run(out, callbacks=[stop_after_save(2)])
     assert is_finished(pruned_stage(out)) and not out.exists()
     with pytest.raises(PruneError, match="--resume"):
         run(out)
-    lines = []
-    resumed = run(out, resume=True, echo=lines.append)
+    with caplog.at_level(logging.INFO, logger="llm_bip"):
+        resumed = run(out, resume=True)
+    lines = [record.getMessage() for record in caplog.records]
     assert any(line.startswith("resuming:") for line in lines)  # not pruned again
     assert resumed["distill"]["resumed_from"].endswith("checkpoint-2")
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
 from safetensors import SafetensorError
-from test_cli_errors import assert_fails_cleanly, earlier_output, error_message, prune_args, snapshot
-from tiny_models import build_tokenizer, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.cli import main
+from llm_bip.testing import build_tokenizer, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")

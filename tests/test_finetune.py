@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate_launch import DATA_PARALLEL, launch
+from helpers import assert_fails_cleanly, snapshot, stop_after_save
 from safetensors.torch import load_file
-from test_cli_errors import assert_fails_cleanly, snapshot
-from transformers import TrainerCallback
 
 from llm_bip import PruneConfig, prune, save_model
 from llm_bip.adapters import adapter_for
@@ -158,24 +157,13 @@ def test_saved_merged_model_reloads_with_the_same_logits(trained):
         assert torch.allclose(reloaded(trained.ids).logits, trained.merged(trained.ids).logits, atol=1e-6, rtol=0)
 
 
-class StopAfterSave(TrainerCallback):
-    """Simulates a crash right after the checkpoint of step ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
     (tmp_path / "data.txt").write_text(REPETITIVE)
     config = FinetuneConfig(data=str(tmp_path / "data.txt"), seqlen=16, batch_size=2, max_steps=4, save_steps=2,
                             lr=1e-2, lora_dropout=0.0, eval="none")
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(str(tiny_model_dir), out, config, callbacks=[StopAfterSave(2)])
+        run_finetune(str(tiny_model_dir), out, config, callbacks=[stop_after_save(2)])
     assert not out.exists()
     assert (checkpoint_folder(out) / "checkpoint-2").is_dir()
     resumed = run_finetune(str(tiny_model_dir), out, config, resume=True)["finetune"]

@@ -8,9 +8,8 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from tiny_models import VOCAB, build_model, build_tokenizer, calibration_text, random_ids, save_tiny_model, tiny_model
 
-from llm_bip import PruneConfig, export_gguf, prune, save_model
+from llm_bip import PruneConfig, prune, run_export, save_model
 from llm_bip.adapters import adapter_for
 from llm_bip.cli import main
 from llm_bip.errors import PruneError
@@ -18,9 +17,16 @@ from llm_bip.gguf_export import describe, write_file
 from llm_bip.gguf_layouts import LAYOUTS
 from llm_bip.llamacpp import open_gguf, window_logits
 from llm_bip.outputs import write_atomically
-
-# llama.cpp without a vocabulary: it runs from token ids, as these tests feed it
-TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}
+from llm_bip.testing import (
+    TOKEN_IDS_ONLY,
+    VOCAB,
+    build_model,
+    build_tokenizer,
+    calibration_text,
+    random_ids,
+    save_tiny_model,
+    tiny_model,
+)
 
 
 def pruned_tiny(variant: str, allocation: str, compensate: bool, seed: int = 0, layers: int = 3, **options):
@@ -209,7 +215,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_sentencepiece(tmp_path, calib_tex
                  "--samples", "4", "--calib-seqlen", "16", "--eval", "none"]) == 0
     assert not (tmp_path / "pruned" / "tokenizer.model").exists()
     out = tmp_path / "pruned.gguf"
-    export_gguf(str(tmp_path / "pruned"), out)
+    run_export(str(tmp_path / "pruned"), out)
     spm = sentencepiece.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
     texts = ["the man and the woman", "  a  world of people\nday", "Zürich, 2026 — naïve café"]
     with open_gguf(out, context=64) as runner:
@@ -222,5 +228,5 @@ def test_an_unreadable_sentencepiece_model_is_refused(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny")
     (folder / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(PruneError, match="not a readable SentencePiece model"):
-        export_gguf(str(folder), tmp_path / "out.gguf")
+        run_export(str(folder), tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()

@@ -8,13 +8,12 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from tiny_models import MIXED_LAYERS, VOCAB, build_model
 
 from llm_bip.errors import PruneError
-from llm_bip.gguf_export import rope_factors, write_file
+from llm_bip.gguf_export import write_file
+from llm_bip.gguf_tensors import rope_factors
+from llm_bip.testing import MIXED_LAYERS, TOKEN_IDS_ONLY, VOCAB, build_model  # token ids only: no vocabulary is read
 
-# no vocabulary: these tests read hyperparameters and tensors, never tokens
-TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}
 SIZES = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from llm_bip import PruneConfig, load_model, load_pruned, perplexity, prune, save_model
 from llm_bip.data import calibration_ids
 from llm_bip.evaluation import text_windows
-from llm_bip.gguf_export import copied_fields, hf_tokenizer_fields, tokenizer_fields, write_file
+from llm_bip.gguf_export import write_file
+from llm_bip.gguf_vocab import copied_fields, hf_tokenizer_fields, tokenizer_fields
 from llm_bip.llamacpp import gguf_perplexity, open_gguf, window_logits
 from llm_bip.sources import DEFAULT_MODEL, embedded_gguf, resolve_source
 

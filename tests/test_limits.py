@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from test_cli_errors import assert_fails_cleanly, prune_args
+from helpers import assert_fails_cleanly, prune_args
 
 import llm_bip.calibration
 import llm_bip.limits
@@ -17,7 +17,7 @@ from llm_bip.loading import read_config
 from llm_bip.pipeline import within_context
 from llm_bip.recovery import DistillConfig
 
-CONTEXT = 64  # the tiny saved model's max_position_embeddings (tiny_models.save_tiny_model)
+CONTEXT = 64  # the tiny saved model's max_position_embeddings (llm_bip.testing.save_tiny_model)
 
 
 @pytest.fixture

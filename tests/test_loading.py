@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, build_model, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.loading import load_model
 from llm_bip.outputs import OUTPUT_MARKER
+from llm_bip.testing import VOCAB, build_model, random_ids, tiny_model
 
 
 def pruned(variant, allocation):

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_cli_errors import assert_fails_cleanly, prune_args, snapshot
-from tiny_models import build_tokenizer, random_ids, tiny_model
+from helpers import assert_fails_cleanly, assert_same_output, prune_args, snapshot
 
 from llm_bip import PruneConfig, load_pruned, progress, run_prune, shards
 from llm_bip.cli import main
-from llm_bip.outputs import SCORES_FILE
-from llm_bip.shards import read_weights
+from llm_bip.testing import build_tokenizer, random_ids, tiny_model
 
 CONFIGS = {
     "bip": [],  # llama: bias compensation on, exact head scores
@@ -60,22 +57,6 @@ def in_memory(models, calib_text_file, tmp_path_factory):
         return done[model, config]
 
     return run
-
-
-def assert_same_output(expected: Path, got: Path) -> None:
-    want, have = read_weights(expected), read_weights(got)
-    assert have.keys() == want.keys()
-    for name, tensor in want.items():
-        assert have[name].dtype == tensor.dtype and torch.equal(have[name], tensor), name
-    for name in ("config.json", "generation_config.json", "tokenizer.json"):
-        assert (got / name).read_text() == (expected / name).read_text(), name
-    scores_want, scores_have = load_file(str(expected / SCORES_FILE)), load_file(str(got / SCORES_FILE))
-    assert scores_have.keys() == scores_want.keys()
-    assert all(torch.equal(scores_have[k], v) for k, v in scores_want.items())
-    summary_want, summary_have = (json.loads((d / "llm_bip_summary.json").read_text()) for d in (expected, got))
-    assert summary_have["layers"] == summary_want["layers"]
-    assert summary_have["parameters"] == summary_want["parameters"]
-    assert summary_have["offload"] and not summary_want["offload"]
 
 
 def offloaded(models, model: str, out: Path, calib: Path, config: str, *extra: str) -> list[str]:

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
-from tiny_models import ARCHITECTURES, VOCAB, build_model, random_ids
 
 from llm_bip import PruneConfig, PruneError, load_pruned, prune, save_model
 from llm_bip.adapters import adapter_for
-from llm_bip.allocation import BlockCosts
+from llm_bip.testing import ARCHITECTURES, VOCAB, build_model, random_ids
+from llm_bip.units import BlockCosts
 
 
 @st.composite

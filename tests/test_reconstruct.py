@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 from torch import nn
 
 from llm_bip import PruneConfig, load_pruned, prune, save_model
 from llm_bip.adapters import adapter_for
 from llm_bip.surgery import RIDGE, Projection, compensate_bias, kept_columns, prune_block, refit_projection
+from llm_bip.testing import random_ids, tiny_model
 
 SEEDS = range(20)
 RTOL = 1e-5  # the guard decides in float64; the weights it keeps are float32

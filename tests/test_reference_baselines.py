@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, prune
+from llm_bip.testing import random_ids, tiny_model
 
 HD = 8  # head_dim of the tiny models
 

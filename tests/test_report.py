@@ -16,7 +16,8 @@ from safetensors.numpy import load_file
 
 from llm_bip.cli import main
 from llm_bip.outputs import EVAL_FILE, OUTPUT_MARKER, SCORES_FILE, SPEED_FILE, SUMMARY_FILE
-from llm_bip.report import build_report, speedups, to_html
+from llm_bip.report import run_report, to_html
+from llm_bip.report_plots import speedups
 from llm_bip.speed import SpeedSettings, bench_speed, write_speed
 from llm_bip.zeroshot import AVERAGED
 
@@ -180,7 +181,7 @@ def test_distillation_section_shows_each_loss(finetuned, calib_text_file, tmp_pa
     assert main(["distill", str(finetuned), "--data", str(calib_text_file), "--out", str(distilled), "--seqlen", "16",
                  "--batch-size", "2", "--max-steps", "2", "--lm-weight", "0.5", "--hidden-weight", "0.1",
                  "--eval", "none"]) == 0
-    out = build_report(distilled, tmp_path / "report")
+    out = run_report(distilled, tmp_path / "report")
     md = (out / "report.md").read_text()
     record = summary_of(distilled)["distill"]
     settings = dict(row[:2] for row in tables(part(md, "## Distillation"))[0][1:])
@@ -205,7 +206,7 @@ def test_speedups_pair_measured_with_mac_ratio(speed_dir):
 
 def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_file, finetuned, eval_dir, speed_dir,
                                           tmp_path):
-    out = build_report(finetuned, tmp_path / "report", speed=speed_dir, evals=[eval_dir])
+    out = run_report(finetuned, tmp_path / "report", speed=speed_dir, evals=[eval_dir])
     md = (out / "report.md").read_text()
 
     record = summary_of(finetuned)["finetune"]
@@ -273,7 +274,7 @@ def test_finetune_eval_and_speed_sections(run_dir, tiny_model_dir, calib_text_fi
 
 
 def test_eval_folder_alone(eval_dir, tmp_path):
-    out = build_report(eval_dir, tmp_path / "report")
+    out = run_report(eval_dir, tmp_path / "report")
     md = (out / "report.md").read_text()
     assert [line for line in md.splitlines() if line.startswith("## ")] == ["## Evaluation"]
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "report.html", "report.md"]

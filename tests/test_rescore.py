@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from helpers import assert_fails_cleanly, prune_args
 from safetensors.torch import load_file
-from test_cli_errors import assert_fails_cleanly, prune_args
-from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, prune
 from llm_bip.cli import main
 from llm_bip.outputs import SCORES_FILE
 from llm_bip.scores import load_scores, save_scores
+from llm_bip.testing import random_ids, tiny_model
 
 CALIB = random_ids(8, 16, seed=3)
 METHODS = [

@@ -2,38 +2,10 @@
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 
-from llm_bip.adapters import adapter_for
-from llm_bip.calibration import capture_block_inputs, collect_block_stats, forward_block
 from llm_bip.metrics import ScoreOptions, make_metric
 from llm_bip.surgery import head_channels
-
-
-def block_setup(variant, seed=0, scale=3.0, layer=1, layers=2):
-    """Block ``layer`` of a float64 model of ``layers`` blocks: its view, calibration inputs (through the
-    blocks before it), statistics and dense outputs."""
-    model = tiny_model(variant, layers=layers, seed=seed, scale=scale).double()
-    adapter = adapter_for(model.config)
-    inputs = capture_block_inputs(model, adapter.layers(model), random_ids(4, 24, seed), batch_size=2)
-    for i in range(layer):
-        inputs = forward_block(adapter.block(model, i), inputs)
-    view = adapter.block(model, layer)
-    stats, outputs = collect_block_stats(view, inputs)
-    return view, inputs, stats, torch.cat([o for o, _ in outputs])
-
-
-def output_change(view, inputs, dense_y, weight, cols):
-    """||y - y'||_F over all calibration tokens after zeroing ``cols`` of ``weight``."""
-    saved = weight.data.clone()
-    weight.data[:, cols] = 0
-    try:
-        with torch.no_grad():
-            y = torch.cat([view.layer(h, **kw[view.index]) for h, kw in inputs])
-    finally:
-        weight.data.copy_(saved)
-    return float((y - dense_y).norm())
-
+from llm_bip.testing import block_setup, output_change
 
 CASES = [("llama-gqa", s, sc) for s in range(3) for sc in (1.0, 7.0)]
 CASES += [("qwen2-gqa", 0, 7.0), ("llama-gqa-bias", 1, 7.0)]

@@ -7,17 +7,17 @@ import itertools
 
 import pytest
 import torch
-from test_cli_errors import assert_fails_cleanly, prune_args
-from tiny_models import random_ids, tiny_model
+from helpers import assert_fails_cleanly, prune_args
 
 from llm_bip import PruneConfig, prune
 from llm_bip.adapters import adapter_for
-from llm_bip.allocation import attention_units
 from llm_bip.errors import PruneError
 from llm_bip.outputs import SCORES_FILE
 from llm_bip.scores import ScoreRecord, load_scores, save_scores
 from llm_bip.selection import greedy_removal
 from llm_bip.surgery import RIDGE
+from llm_bip.testing import random_ids, tiny_model
+from llm_bip.units import attention_units
 
 
 def problem(seed: int, n: int = 8, d: int = 5, tokens: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

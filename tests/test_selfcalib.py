@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_tokenizer, tiny_model
 
 from llm_bip import PruneConfig, selfcalib
 from llm_bip.errors import PruneError
 from llm_bip.pruner import Pruner
 from llm_bip.selfcalib import self_calibration_ids, start_token, windows_at_once
+from llm_bip.testing import build_tokenizer, tiny_model
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_errors import assert_fails_cleanly
-from tiny_models import build_tokenizer, random_ids, tiny_model
+from helpers import assert_fails_cleanly
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,7 +17,9 @@ from llm_bip.cli import main
 from llm_bip.loading import load_model
 from llm_bip.outputs import SPEED_FILE, save_model
 from llm_bip.pruner import PruneConfig, prune
-from llm_bip.speed import decode_context, decode_steps, macs_per_token, prefill_context, start_decode
+from llm_bip.speed_macs import decode_context, macs_per_token, prefill_context
+from llm_bip.speed_measure import decode_steps, start_decode
+from llm_bip.testing import build_tokenizer, random_ids, tiny_model
 
 TINY_MAX_POSITIONS = 64  # conftest's tiny model
 FAST = ["--batch-sizes", "1,2", "--lengths", "8,16", "--decode-tokens", "3", "--prompt-length", "4",

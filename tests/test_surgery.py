@@ -3,9 +3,9 @@ test_conformance.py."""
 
 
 import torch
-from tiny_models import VARIANTS, random_ids, tiny_model
 
 from llm_bip import PruneConfig, prune
+from llm_bip.testing import VARIANTS, random_ids, tiny_model
 
 ALL = sorted(VARIANTS)
 

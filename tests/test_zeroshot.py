@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
 
 from llm_bip import PruneConfig, prune, save_model
 from llm_bip.cli import main
@@ -16,6 +15,7 @@ from llm_bip.errors import PruneError
 from llm_bip.loading import load_model
 from llm_bip.outputs import EVAL_FILE, OUTPUT_MARKER
 from llm_bip.tasks import CHOICES, ending_docs
+from llm_bip.testing import random_ids, tiny_model
 from llm_bip.zeroshot import load_tasks, zero_shot, zero_shot_table
 
 TASKS = Path(__file__).parent / "data" / "tasks"

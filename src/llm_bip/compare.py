@@ -4,30 +4,38 @@ unless a method asks for its own (``bip:calibration=ptb``).
 Each row prunes a fresh copy of the model and records perplexity at every window length, the
 pruning step's wall time and peak memory, and sizes. One plain forward pass over each calibration
 batch is timed too: the physical floor of a one-pass method, so every method's cost is also given
-as a ratio to the floor of the batch it pruned on. Writes results.json, results.md and ppl_vs_ratio.png.
+as a ratio to the floor of the batch it pruned on. Writes results.json, results.md and ppl_vs_ratio.png:
+
+    results = run_compare("smollm2", "runs/compare", CompareSpec(methods=["bip", "flap"], ratios=[0.2, 0.5]))
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from .config import PruneConfig
+from .data import check_calibration_source, check_text_source
+from .devices import check_device
 from .errors import PruneError
-from .evaluation import perplexity, text_label
+from .evaluation import eval_split, perplexity, text_label
 from .limits import check_window
-from .outputs import atomic_folder, library_versions
+from .loading import load_model
+from .outputs import atomic_folder, check_output_folder, library_versions
 from .profiling import PhaseLog
 from .pruner import Pruner
 from .selfcalib import calibration_batch
+from .sources import local_inputs
 from .tables import markdown_table
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FIELDS = {f.name: f.type for f in fields(PruneConfig)}
 # the settings that decide a calibration batch ('self' samples batch_size windows at a time)
@@ -36,13 +44,60 @@ CALIBRATION_FIELDS = ("calibration", "n_samples", "seqlen", "seed", "batch_size"
 
 @dataclass
 class CompareSpec:
+    """What a compare run measures: ``methods`` (each 'name' or 'name:key=value,...', see ``parse_method``) x
+    ``ratios`` on ``base``'s calibration settings, perplexity on ``datasets`` at every window length of
+    ``seqlens``."""
+
     methods: list[str]
     ratios: list[float]
     seqlens: list[int] = field(default_factory=lambda: [128, 512])
     datasets: list[str] = field(default_factory=lambda: ["ptb"])
-    split: str = "test"
+    split: str | None = None  # of the named corpora (default test); a text file is evaluated whole
     max_tokens: int | None = None
     base: PruneConfig = field(default_factory=PruneConfig)
+
+
+def run_compare(source: str, out: str | Path, spec: CompareSpec, *, overwrite: bool = False, device: str = "cpu",
+                dtype: str = "float32") -> dict:
+    """Prune ``source`` with every method at every ratio, side by side (``llm-bip compare``), and write
+    results.json, results.md and ppl_vs_ratio.png to ``out``. Every option is checked before the model is
+    loaded; each finished row goes to the ``llm_bip.compare`` logger.
+
+    Args:
+        source: a local folder, hub id, .gguf file or ``smollm2``.
+        out: the results folder, written atomically.
+        spec: the methods, ratios, calibration settings (``spec.base``) and perplexity texts.
+        overwrite: replace ``out`` (only a folder llm-bip wrote).
+        device: torch device, e.g. "cpu", "cuda:1".
+        dtype: "float32", "bfloat16" or "float16".
+
+    Returns:
+        The results written to results.json: the rows (dense first), calibrations, spec, versions and model.
+    """
+    check_compare_job(source, out, spec, overwrite=overwrite, device=device, dtype=dtype)
+    model, tokenizer = load_model(source, dtype, device)
+    results = compare_models(model, tokenizer, spec)
+    results["model"] = source
+    write_results(results, Path(out), overwrite)
+    return results
+
+
+def check_compare_job(source: str, out: str | Path, spec: CompareSpec, *, overwrite: bool, device: str,
+                      dtype: str) -> None:
+    """Every check that needs no model: the device, the split, every method's options at every ratio, an
+    output folder apart from every input, readable calibration and evaluation text."""
+    check_device(device, dtype)
+    eval_split(spec.split, spec.datasets)
+    configs = [parse_method(method, spec.base)[1] for method in spec.methods]
+    for config in configs:  # fail on a bad spec before any long work
+        for ratio in spec.ratios:
+            replace(config, ratio=ratio).resolved().check()
+    calibration_sources = sorted({config.calibration for config in configs})
+    check_output_folder(out, overwrite, local_inputs(source, *calibration_sources, *spec.datasets))
+    for calibration in calibration_sources:
+        check_calibration_source(calibration)
+    for dataset in spec.datasets:
+        check_text_source(dataset)
 
 
 def parse_method(spec: str, base: PruneConfig) -> tuple[str, PruneConfig]:
@@ -85,8 +140,10 @@ def forward_floor(model, calib: torch.Tensor, batch_size: int) -> dict:
 
 
 def evaluate(model, tokenizer, spec: CompareSpec) -> dict[str, dict]:
+    """Perplexity on every dataset at every window length, keyed 'dataset@seqlen' (``spec.split`` resolved)."""
+    split = spec.split or "test"
     return {
-        f"{dataset}@{seqlen}": perplexity(model, tokenizer, dataset, spec.split, seqlen, spec.max_tokens).as_dict()
+        f"{dataset}@{seqlen}": perplexity(model, tokenizer, dataset, split, seqlen, spec.max_tokens).as_dict()
         for dataset in spec.datasets for seqlen in spec.seqlens
     }
 
@@ -123,10 +180,11 @@ def calibrations(model, tokenizer, configs: list[PruneConfig]) -> dict[str, Cali
     return found
 
 
-def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], None] | None = None) -> dict:
-    """Every (method, ratio) row plus the dense row; each method prunes on the calibration its options name
-    (the base's unless it sets its own); ``on_row`` sees each row as it completes (long runs report progress);
-    nothing is written here."""
+def compare_models(model, tokenizer, spec: CompareSpec) -> dict:
+    """Every (method, ratio) row plus the dense row, on a model in memory (each row prunes a copy); each
+    method prunes on the calibration its options name (the base's unless it sets its own). Each row goes to
+    the ``llm_bip.compare`` logger as it completes (long runs report progress); nothing is written here."""
+    spec = replace(spec, split=eval_split(spec.split, spec.datasets))
     grid = [(label, PruneConfig(**{**config.__dict__, "ratio": ratio}))
             for label, config in map(partial(parse_method, base=spec.base), spec.methods) for ratio in spec.ratios]
     for _, config in grid:  # every option, budget and calibration window checked before the long part
@@ -134,30 +192,43 @@ def run_compare(model, tokenizer, spec: CompareSpec, on_row: Callable[[dict], No
     for seqlen in spec.seqlens:
         check_window(model.config, seqlen, "--seqlens")
     batches = calibrations(model, tokenizer, [config for _, config in grid])
-    report = on_row or (lambda row: None)
-    rows = [{"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
-             "params_model": sum(p.numel() for p in model.parameters())}]
-    report(rows[0])
+    rows = [logged({"method": "dense", "ratio": 0.0, "ppl": evaluate(model, tokenizer, spec),
+                    "params_model": sum(p.numel() for p in model.parameters())})]
     for label, config in grid:
-        calibration = batches[calibration_key(config)]
-        pruned = copy.deepcopy(model)
-        start = time.perf_counter()
-        result = Pruner(pruned, config).run(calibration.ids)
-        wall = time.perf_counter() - start
-        rows.append({
-            "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),
-            "block_ratio": round(result.block_ratio, 6), "params_model": result.params["model_after"],
-            "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 3),
-            "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
-            "time_vs_forward": round(wall / max(calibration.floor["wall_s"], 1e-3), 2),
-            "config": result.summary()["config"],
-        })
-        report(rows[-1])
-        del pruned
+        rows.append(logged(pruned_row(model, tokenizer, spec, label, config, batches[calibration_key(config)])))
     return {"calibrations": [c.describe() for c in batches.values()], "rows": rows,
             "spec": {"methods": spec.methods, "ratios": spec.ratios, "seqlens": spec.seqlens,
                      "datasets": spec.datasets, "split": spec.split, "max_tokens": spec.max_tokens},
             "versions": library_versions()}
+
+
+def pruned_row(model, tokenizer, spec: CompareSpec, label: str, config: PruneConfig, calibration: Calibration) -> dict:
+    """One method at one ratio: a copy of ``model`` pruned on ``calibration``, measured, then freed."""
+    pruned = copy.deepcopy(model)
+    start = time.perf_counter()
+    result = Pruner(pruned, config).run(calibration.ids)
+    wall = time.perf_counter() - start
+    return {
+        "method": label, "ratio": config.ratio, "ppl": evaluate(pruned, tokenizer, spec),
+        "block_ratio": round(result.block_ratio, 6), "params_model": result.params["model_after"],
+        "params_blocks": result.params["blocks_after"], "prune_wall_s": round(wall, 3),
+        "prune_peak_rss_mb": max(p["peak_rss_mb"] for p in result.phases.values()),
+        "time_vs_forward": round(wall / max(calibration.floor["wall_s"], 1e-3), 2),
+        "config": result.summary()["config"],
+    }
+
+
+def row_line(row: dict) -> str:
+    """A finished row in one line: its perplexities, and how long the pruning took."""
+    ppl = ", ".join(f"{key} {value['ppl']:.2f}" for key, value in row["ppl"].items())
+    cost = f", pruned in {row['prune_wall_s']} s" if "prune_wall_s" in row else ""
+    return f"{row['method']} @ {row['ratio']:.2f}: {ppl}{cost}"
+
+
+def logged(row: dict) -> dict:
+    """``row``, logged first."""
+    logger.info(row_line(row))
+    return row
 
 
 def results_table(results: dict) -> str:

@@ -1,42 +1,36 @@
-"""Every choice of a pruning run, and its checks.
+"""Every choice of a pruning run, its checks, and the plan it resolves to.
 
-``PruneConfig.check()`` needs no model: run it before anything is loaded. Which layers stay dense
-can only be checked once the layer count is known (``dense_layers``).
+``PruneConfig`` is what a user asks for; options left unset (None) are the method's choice.
+``PruneConfig.check()`` needs no model: run it before anything is loaded. ``PruneConfig.plan()``
+resolves it once against the model into a frozen ``PrunePlan``: every choice a concrete value,
+which is what everything below the job reads and what the summary records.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, get_args
 
-from .allocation import AllocationOptions
 from .errors import PruneError
 from .methods import METHODS, method_defaults, method_dense_layers
-from .metrics import ScoreOptions
-from .scores import SCORING_FIELDS, ScoreRecord
+from .options import (
+    CHOICES,
+    SCORING_FIELDS,
+    Allocation,
+    AllocationOptions,
+    Compensate,
+    Gqa,
+    HeadScore,
+    Lipschitz,
+    Method,
+    Normalize,
+    ScoreOptions,
+    Selection,
+    option_name,
+)
 
-Method = Literal["bip", "bip-refit", "bip-unit-zscore", "bip-paper", "random", "magnitude", "wanda-sp", "flap",
-                 "llm-pruner"]
-Allocation = Literal["uniform", "block", "global"]
-Normalize = Literal["none", "output", "zscore", "channels", "log-channels"]
-Lipschitz = Literal["spectral", "certified", "none"]
-HeadScore = Literal["channels", "exact"]
-Gqa = Literal["groups", "heads"]
-Compensate = Literal[True, False, "auto"]  # "auto": where the architecture can hold output biases
-Selection = Literal["scores", "refit"]  # refit: by the error the refit leaves (selection.py); needs reconstruct
-
-T = TypeVar("T")
-
-# the options that take one of a fixed set of values
-CHOICES = {"method": Method, "allocation": Allocation, "normalize": Normalize, "lipschitz": Lipschitz,
-           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate, "selection": Selection}
-# the CLI options spelled otherwise than their field (any other field f is --f, with dashes)
-FLAGS = {"n_samples": "--samples", "seqlen": "--calib-seqlen"}
-
-
-def option_name(field: str) -> str:
-    """How a message names the PruneConfig field ``field``: by the field and the CLI option that sets it."""
-    return f"{field} ({FLAGS.get(field, '--' + field.replace('_', '-'))})"
+if TYPE_CHECKING:
+    from .scores import ScoreRecord
 
 
 @dataclass
@@ -107,6 +101,20 @@ class PruneConfig:
             if not (isinstance(value, bool) or (value is None and _method_chooses(name))):
                 raise PruneError(f"{option_name(name)} must be True or False, got {value!r}")
 
+    def resolved(self) -> "PruneConfig":
+        """A checked copy with every option left to the method filled in from the method's definition;
+        refit-aware selection turns the refit on, and refuses a run without it."""
+        self.check()
+        defaults = method_defaults(self.method)
+        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None and k in defaults}
+        config = replace(self, **chosen)
+        if config.selection == "refit" and self.reconstruct is None:
+            config = replace(config, reconstruct=True)
+        if config.selection == "refit" and not config.reconstruct:
+            raise PruneError(f"{option_name('selection')} refit chooses units by the error the refit leaves; "
+                             f"it needs {option_name('reconstruct')}")
+        return config
+
     def dense_layers(self, num_layers: int) -> list[int]:
         """The indices of the layers kept dense in a model of ``num_layers`` layers (left unset: the
         method's own choice)."""
@@ -119,49 +127,66 @@ class PruneConfig:
             dense.add(i % num_layers)
         return sorted(dense)
 
-    def resolved(self) -> "PruneConfig":
-        """A copy with every option left to the method filled in from the method's definition; refit-aware
-        selection turns the refit on, and refuses a run without it."""
-        defaults = method_defaults(self.method)
-        chosen = {k: defaults[k] for k, v in asdict(self).items() if v is None and k in defaults}
-        config = replace(self, **chosen)
-        if config.selection == "refit" and self.reconstruct is None:
-            config = replace(config, reconstruct=True)
-        if config.selection == "refit" and not config.reconstruct:
-            raise PruneError(f"{option_name('selection')} refit chooses units by the error the refit leaves; "
-                             f"it needs {option_name('reconstruct')}")
-        return config
+    def plan(self, num_layers: int, holds_biases: bool) -> "PrunePlan":
+        """The run's plan for a model of ``num_layers`` decoder layers whose architecture can (``holds_biases``)
+        or cannot hold output biases: checked, the method's choices filled in, the dense layers and "auto"
+        compensation decided. The one place a config is checked and resolved."""
+        config = self.resolved()
+        dense = config.dense_layers(num_layers)
+        if len(dense) == num_layers:
+            raise PruneError("every layer is kept dense: nothing to prune")
+        compensate = holds_biases if config.compensate == "auto" else config.compensate
+        values = {**asdict(config), "keep_dense": tuple(dense), "compensate": compensate}
+        return PrunePlan(**values)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Every choice of one run on one model, each a concrete value (``PruneConfig.plan``); the fields and
+    their order are PruneConfig's, so a summary's ``config`` is this plan."""
+
+    ratio: float
+    method: Method
+    allocation: Allocation
+    normalize: Normalize
+    compensate: bool
+    keep_dense: tuple[int, ...]
+    lipschitz: Lipschitz
+    head_score: HeadScore
+    gqa: Gqa
+    sequential: bool
+    reconstruct: bool
+    selection: Selection
+    calibration: str
+    n_samples: int
+    seqlen: int
+    batch_size: int
+    min_channels: float
+    round_to: int
+    seed: int
 
     @property
     def metric(self) -> str:
         return METHODS[self.method]["metric"]
 
+    def as_dict(self) -> dict:
+        """The plan as JSON holds it (a summary's ``config``)."""
+        return {**asdict(self), "keep_dense": list(self.keep_dense)}
+
     def scoring_settings(self) -> dict:
         """The fields that decide the scores (a record's ``settings``); refit-aware scores depend on the
         attention units too."""
-        fields = SCORING_FIELDS + (("gqa",) if self.selection == "refit" else ())
-        return {k: getattr(self, k) for k in fields}
-
-    def compensates(self) -> bool:
-        """Whether the run uses bias compensation: known once resolved and, for "auto", decided for the
-        model's architecture (the Pruner does both)."""
-        compensate = _resolved(self.compensate, "compensate")
-        if not isinstance(compensate, bool):
-            raise ValueError(f"{option_name('compensate')} {compensate!r} is decided for the model's architecture "
-                             "(Pruner) before a run reads it")
-        return compensate
+        names = SCORING_FIELDS + (("gqa",) if self.selection == "refit" else ())
+        return {k: getattr(self, k) for k in names}
 
     def allocation_options(self) -> AllocationOptions:
-        """The allocator's options (of a resolved config)."""
-        return AllocationOptions(
-            ratio=self.ratio, allocation=_resolved(self.allocation, "allocation"), gqa=self.gqa,
-            normalize=_resolved(self.normalize, "normalize"), min_channels=self.min_channels, round_to=self.round_to,
-        )
+        """The allocator's options."""
+        return AllocationOptions(ratio=self.ratio, allocation=self.allocation, gqa=self.gqa, normalize=self.normalize,
+                                 min_channels=self.min_channels, round_to=self.round_to)
 
     def score_options(self) -> ScoreOptions:
-        """The metric's options (of a resolved config whose compensation is decided: ``compensates``)."""
-        return ScoreOptions(lipschitz=_resolved(self.lipschitz, "lipschitz"),
-                            head_score=_resolved(self.head_score, "head_score"), centred=self.compensates(),
+        """The metric's options."""
+        return ScoreOptions(lipschitz=self.lipschitz, head_score=self.head_score, centred=self.compensate,
                             seed=self.seed)
 
 
@@ -170,14 +195,6 @@ def config_for_scores(config: PruneConfig, record: ScoreRecord) -> PruneConfig:
     setting given explicitly must then agree with the record: the Pruner checks)."""
     defaults = PruneConfig()
     return replace(config, **{k: v for k, v in record.settings.items() if getattr(config, k) == getattr(defaults, k)})
-
-
-def _resolved(value: T | None, name: str) -> T:
-    """The value of a field left to the method (None) until ``PruneConfig.resolved()`` fills it in."""
-    if value is None:
-        raise ValueError(f"{option_name(name)} is left to the method until the config is resolved "
-                         "(PruneConfig.resolved)")
-    return value
 
 
 def _method_chooses(name: str) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 
 import torch
 
+from . import logs  # noqa: F401  (the llm_bip logger's handler: a library call's notes show on stderr)
 from .errors import PruneError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +45,6 @@ def check_device(name: str, dtype: str = "float32") -> None:
 
 @functools.cache
 def note_slow_cpu_dtype(dtype: str) -> None:
-    print(f"llm-bip: note: {dtype} on the CPU runs about 4x slower than float32 (no fast half-precision "
-          "kernels); statistics are float32/64 either way", file=sys.stderr)
+    logger.warning(f"{dtype} on the CPU runs about 4x slower than float32 (no fast half-precision kernels); "
+                   "statistics are float32/64 either way")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import is_corpus, load_text, needs_bos, tokenize, with_bos
+from .data import corpus_names, is_corpus, load_text, needs_bos, tokenize, with_bos
 from .errors import PruneError
 from .limits import check_window
 from .outputs import cache_dir, library_versions, write_cache_entry
@@ -42,6 +42,16 @@ class Perplexity:
 def text_label(dataset: str, split: str | None) -> str:
     """'ptb/test' for a corpus split, the path alone for a file."""
     return dataset if split is None else f"{dataset}/{split}"
+
+
+def eval_split(split: str | None, datasets: Sequence[str]) -> str:
+    """The split to evaluate: ``split`` (default test) of the named corpora among ``datasets``; a text file is
+    evaluated whole, so a split given beside one is refused."""
+    files = [d for d in datasets if not is_corpus(d)]
+    if split is not None and files:
+        raise PruneError(f"--split selects a split of {', '.join(corpus_names())}; {files[0]} is a file, "
+                         "evaluated whole")
+    return split or "test"
 
 
 def split_label(dataset: str, split: str) -> str | None:

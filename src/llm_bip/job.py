@@ -11,9 +11,10 @@ interrupted run continues with ``resume=True``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -24,13 +25,15 @@ from .errors import PruneError
 from .evaluation import Perplexity, perplexity
 from .limits import check_window
 from .loading import load_model
-from .offload import BlockStore, open_offloaded
+from .offload import BlockStore, OffloadedBlocks, open_offloaded
 from .outputs import SCORES_FILE, SUMMARY_FILE, check_apart_from_inputs, check_output_folder
 from .profiling import PhaseLog
 from .progress import ProgressStore, begin_work, partial_folder
 from .pruner import Pruner, PruneResult
-from .scores import load_scores, save_scores
+from .scores import ScoreRecord, load_scores, save_scores
 from .sources import local_inputs
+
+logger = logging.getLogger(__name__)
 
 
 def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offload: bool, resume: bool,
@@ -59,59 +62,96 @@ def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *
               offload: bool = False, resume: bool = False, overwrite: bool = False, scores: str | Path | None = None,
               eval_dataset: str | None = None, eval_seqlen: int = 128, eval_max_tokens: int | None = None,
               device: str = "cpu", dtype: str = "float32",
-              measure: Callable[..., Perplexity] = partial(perplexity, cache=True),
-              echo: Callable[[str], None] = lambda line: None) -> dict:
-    """Prune the model ``source`` (a folder, hub id, .gguf file or ``smollm2``) and write it to ``out``.
+              measure: Callable[..., Perplexity] = partial(perplexity, cache=True)) -> dict:
+    """Prune a model and write it, its scores and its summary to ``out`` (``llm-bip prune``); every check that
+    needs no model comes first. Progress lines go to the ``llm_bip.job`` logger.
 
-    ``scores``: an earlier run's scores file or folder, to prune from instead of scoring.
-    ``eval_dataset``: perplexity before and after (default ptb, "none" to skip; offloaded: none).
-    ``measure``: computes them, with the signature of evaluation.perplexity (by default reusing an identical
-    earlier measurement from the cache). ``echo`` gets the
-    progress lines (the CLI prints them). Returns the summary that is written to the output.
+    Args:
+        source: a local folder, hub id, .gguf file or ``smollm2``.
+        out: the output folder, written atomically.
+        config: the pruning options (default ``PruneConfig()``).
+        offload: one block in memory at a time, the work kept in ``OUT.partial``.
+        resume: continue an interrupted offloaded run from ``OUT.partial``.
+        overwrite: replace ``out`` (only a folder llm-bip wrote).
+        scores: an earlier run's scores file or folder, to prune from instead of scoring.
+        eval_dataset: perplexity before and after on it (default ptb, "none" to skip; offloaded: none).
+        eval_seqlen: the perplexity window length.
+        eval_max_tokens: score only the first N tokens of the text (default: all).
+        device: torch device, e.g. "cpu", "cuda:1".
+        dtype: "float32", "bfloat16" or "float16".
+        measure: computes perplexity as ``evaluation.perplexity`` does (default: reusing a cached measurement).
+
+    Returns:
+        The summary written to ``out`` (llm_bip_summary.json).
     """
-    config = config or PruneConfig()
-    record = load_scores(scores) if scores else None
-    if record is not None:
-        config = config_for_scores(config, record)
+    config, record = _with_scores(config or PruneConfig(), scores)
     out, dataset = check_prune_job(source, out, config, offload=offload, resume=resume, overwrite=overwrite,
                                    scores=scores, eval_dataset=eval_dataset, device=device, dtype=dtype)
     log = PhaseLog()
     with log.phase("load"):
-        if offload:
-            model, tokenizer, blocks = open_offloaded(source, dtype, device, partial_folder(out))
-        else:
-            model, tokenizer = load_model(source, dtype, device)
-            blocks = BlockStore()
+        model, tokenizer, blocks = _open_model(source, out, offload, dtype, device)
     pruner = Pruner(model, config, record, blocks)  # checks every option against the model before any long work
     if dataset != "none":
         check_window(model.config, eval_seqlen, "--eval-seqlen")
     calib = pruner.calibration(tokenizer)
-    progress = None
-    if offload:
-        settings = {**blocks.settings(), **asdict(pruner.config), "scores": str(scores) if scores else None}
-        begin_work(blocks.partial, settings, resume, overwrite)
-        progress = ProgressStore(blocks.partial, device)
-        echo(f"offloaded: one block in memory at a time; work kept in {blocks.partial} until {out} is written "
-             "(--resume continues an interrupted run)")
-    evals = {}
-    if dataset != "none":
-        with log.phase("eval_dense"):
-            evals["dense"] = measure(model, tokenizer, dataset, "test", eval_seqlen, eval_max_tokens)
-        echo(f"dense:  {evals['dense']}")
+    progress = _begin_offloaded(pruner, blocks, out, scores, resume, overwrite, device) if offload else None
+    evals = Measurements(measure, dataset, eval_seqlen, eval_max_tokens, log)
+    evals.take("dense", model, tokenizer)
     start = time.perf_counter()
     result = pruner.run(calib, progress)
     prune_wall = time.perf_counter() - start
-    if dataset != "none":
-        with log.phase("eval_pruned"):
-            evals["pruned"] = measure(model, tokenizer, dataset, "test", eval_seqlen, eval_max_tokens)
-        echo(f"pruned: {evals['pruned']}")
+    evals.take("pruned", model, tokenizer)
     summary = result.summary()
     summary.update(model=source, dtype=dtype, device=device, prune_wall_s=round(prune_wall, 3),
-                   perplexity={k: v.as_dict() for k, v in evals.items()}, scores_file=SCORES_FILE,
+                   perplexity={k: v.as_dict() for k, v in evals.results.items()}, scores_file=SCORES_FILE,
                    scores_from=str(scores) if scores else None, offload=offload)
     with log.phase("save"):
         blocks.save(model, tokenizer, out, overwrite, lambda tmp: _write_run_files(tmp, result, summary, log))
     return summary
+
+
+def _with_scores(config: PruneConfig, scores: str | Path | None) -> tuple[PruneConfig, ScoreRecord | None]:
+    """The run's config with the scoring settings of ``scores`` (an earlier run's) taken in, and its record."""
+    record = load_scores(scores) if scores else None
+    return (config if record is None else config_for_scores(config, record)), record
+
+
+def _open_model(source: str, out: Path, offload: bool, dtype: str, device: str):
+    """(model, tokenizer, block store): the whole model, or offloaded, its blocks read one at a time."""
+    if offload:
+        return open_offloaded(source, dtype, device, partial_folder(out))
+    model, tokenizer = load_model(source, dtype, device)
+    return model, tokenizer, BlockStore()
+
+
+def _begin_offloaded(pruner: Pruner, blocks: OffloadedBlocks, out: Path, scores: str | Path | None, resume: bool,
+                     overwrite: bool, device: str) -> ProgressStore:
+    """The offloaded run's work folder, started (or resumed) with the run's settings."""
+    settings = {**blocks.settings(), **pruner.plan.as_dict(), "scores": str(scores) if scores else None}
+    begin_work(blocks.partial, settings, resume, overwrite)
+    progress = ProgressStore(blocks.partial, device)
+    logger.info(f"offloaded: one block in memory at a time; work kept in {blocks.partial} until {out} is written "
+                "(--resume continues an interrupted run)")
+    return progress
+
+
+@dataclass
+class Measurements:
+    """A prune job's perplexities (dense, pruned), each logged as it is measured; none for dataset "none"."""
+
+    measure: Callable[..., Perplexity]
+    dataset: str
+    seqlen: int
+    max_tokens: int | None
+    log: PhaseLog
+    results: dict[str, Perplexity] = field(default_factory=dict)
+
+    def take(self, name: str, model, tokenizer) -> None:
+        if self.dataset == "none":
+            return
+        with self.log.phase(f"eval_{name}"):
+            self.results[name] = self.measure(model, tokenizer, self.dataset, "test", self.seqlen, self.max_tokens)
+        logger.info(f"{name + ':':<7} {self.results[name]}")
 
 
 def _write_run_files(folder: Path, result: PruneResult, summary: dict, log: PhaseLog) -> None:

@@ -10,8 +10,9 @@ again, and distillation continues from its last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ from .training import checkpoint_folder
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 
 def pruned_stage(out: Path) -> Path:
@@ -50,11 +53,27 @@ def within_context(recovery: DistillConfig, source: str) -> DistillConfig:
 def run_prune_and_recover(source: str, out: str | Path, config: PruneConfig, recovery: DistillConfig, *,
                           resume: bool = False, overwrite: bool = False, eval_dataset: str | None = None,
                           eval_seqlen: int = 128, eval_max_tokens: int | None = None, device: str = "cpu",
-                          dtype: str = "float32", callbacks: Sequence[TrainerCallback] = (),
-                          echo: Callable[[str], None] = lambda line: None) -> dict:
-    """Prune ``source`` as ``run_prune`` does, then distil it (``recovery``; its evaluation follows
-    ``eval_dataset``; ``callbacks``: transformers TrainerCallbacks of the distillation) into ``out``.
-    Returns the summary written to ``out``: the prune's, plus a "distill" section."""
+                          dtype: str = "float32", callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Prune ``source`` as ``run_prune`` does, then distil it into ``out`` (``llm-bip prune --recover``).
+    Progress lines go to the ``llm_bip`` loggers.
+
+    Args:
+        source: a local folder, hub id, .gguf file or ``smollm2``.
+        out: the output folder, written atomically; the pruned model waits in ``OUT.pruned``.
+        config: the pruning options.
+        recovery: the distillation's options (its windows cut to the model's context).
+        resume: continue an interrupted run at the phase it stopped in.
+        overwrite: replace ``out`` and an earlier run's ``OUT.pruned`` and checkpoints.
+        eval_dataset: perplexity before and after both phases (default ptb, "none" to skip).
+        eval_seqlen: the perplexity window length.
+        eval_max_tokens: score only the first N tokens of the text (default: all).
+        device: torch device, e.g. "cpu", "cuda:1".
+        dtype: "float32", "bfloat16" or "float16".
+        callbacks: transformers TrainerCallbacks of the distillation.
+
+    Returns:
+        The summary written to ``out``: the prune's, plus a "distill" section.
+    """
     out = Path(out)
     stage = pruned_stage(out)
     recovery = within_context(recovery, source)
@@ -62,16 +81,17 @@ def run_prune_and_recover(source: str, out: str | Path, config: PruneConfig, rec
     if stage.exists():
         check_replaceable(stage)  # a folder llm-bip did not write is never replaced
     if resume and is_finished(stage):
-        echo(f"resuming: {stage} holds the pruned model; recovering it")
+        logger.info(f"resuming: {stage} holds the pruned model; recovering it")
     elif stage.exists() and not (resume or overwrite):
         raise PruneError(f"{stage} holds an earlier run's pruned model; pass --resume to continue that run or "
                          "--overwrite to start over")
     else:
         summary = run_prune(source, stage, config, overwrite=True, eval_dataset=eval_dataset, eval_seqlen=eval_seqlen,
-                            eval_max_tokens=eval_max_tokens, device=device, dtype=dtype, echo=echo)
-        echo(f"pruned: {summary['parameters']['block_ratio_removed']:.2%} of block parameters removed; recovering")
+                            eval_max_tokens=eval_max_tokens, device=device, dtype=dtype)
+        logger.info(f"pruned: {summary['parameters']['block_ratio_removed']:.2%} of block parameters removed; "
+                    "recovering")
     recovery = replace(recovery, eval=eval_dataset or "ptb", eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens)
     summary = run_distill(str(stage), out, recovery, device=device, dtype=dtype, overwrite=overwrite,
-                          resume=resume and checkpoint_folder(out).is_dir(), callbacks=callbacks, echo=echo)
+                          resume=resume and checkpoint_folder(out).is_dir(), callbacks=callbacks)
     shutil.rmtree(stage, ignore_errors=True)
     return summary

@@ -4,14 +4,13 @@ cut, and describe the result. The phases themselves are in engine.py."""
 from __future__ import annotations
 
 import functools
-import sys
-from dataclasses import asdict, dataclass, replace
+import logging
+from dataclasses import dataclass
 
 import torch
 
-from .adapters import Widths
-from .allocation import LayerPlan
-from .config import PruneConfig, option_name
+from .adapters import Widths, adapter_for
+from .config import PruneConfig, PrunePlan
 from .data import SELF
 from .engine import (
     Stack,
@@ -25,21 +24,23 @@ from .engine import (
 )
 from .errors import PruneError
 from .limits import check_calibration_memory, check_window
-from .metrics import make_metric
+from .metrics import Metric, make_metric
 from .offload import BlockStore
+from .options import option_name
 from .outputs import __version__, library_versions
 from .profiling import PhaseLog
 from .progress import ProgressStore
 from .scores import ScoreRecord
 from .selfcalib import calibration_batch
 from .surgery import describe_widths
+from .units import LayerPlan
 
 
 @dataclass
 class PruneResult:
     """What a pruning run did: sizes before/after, the per-layer plan, scores and costs."""
 
-    config: PruneConfig
+    config: PrunePlan  # the run's resolved options
     widths_before: list[Widths]
     widths_after: list[Widths]
     params: dict[str, int]
@@ -56,7 +57,7 @@ class PruneResult:
         """JSON-ready record of the run."""
         return {
             "llm_bip_version": __version__,
-            "config": asdict(self.config),
+            "config": self.config.as_dict(),
             "parameters": {**self.params, "block_ratio_removed": round(self.block_ratio, 6)},
             "layers": [
                 {"layer": i, "before": b.as_dict(), "after": a.as_dict()}
@@ -71,10 +72,12 @@ class PruneResult:
         }
 
 
+log = logging.getLogger(__name__)
+
+
 @functools.cache
 def note_heads_kept(model_type: str, reason: str) -> None:
-    print(f"llm-bip: note: {model_type} models keep every attention head ({reason}); only FFN channels are "
-          "pruned", file=sys.stderr)
+    log.warning(f"{model_type} models keep every attention head ({reason}); only FFN channels are pruned")
 
 
 class Pruner:
@@ -85,47 +88,48 @@ class Pruner:
 
     def __init__(self, model, config: PruneConfig, record: ScoreRecord | None = None,
                  blocks: BlockStore | None = None):
-        config.check()
-        config = config.resolved()
-        self.stack = Stack(model, config, blocks)
-        config = replace(config, keep_dense=config.dense_layers(len(self.stack.views)))
-        if config.compensate == "auto":
-            config = replace(config, compensate=self.stack.adapter.supports_compensation())
-        self.config, self.record = config, record
-        metric = make_metric(config.metric, config.score_options())
-        for i in self.stack.prunable:
-            metric.check(self.stack.views[i])
-        if self.stack.adapter.heads_kept_because:
-            note_heads_kept(model.config.model_type, self.stack.adapter.heads_kept_because)
-        if metric.needs_gradients and record is None and not self.stack.blocks.whole_model:
-            raise PruneError(f"--method {config.method} needs gradients through the whole model, which --offload "
-                             "never holds in memory; choose another method or prune without --offload")
-        if config.compensate:
-            self.stack.adapter.check_compensation(model.config)
-        if record is not None:
-            widths = [w.as_dict() for w in self.stack.widths()]
-            record.check_matches(config.scoring_settings(), widths, self.stack.prunable)
+        adapter = adapter_for(model.config)
+        plan = config.plan(len(adapter.layers(model)), adapter.supports_compensation())
+        self.stack = Stack(model, plan.keep_dense, blocks)
+        self.plan, self.record = plan, record
+        metric = make_metric(plan.metric, plan.score_options())
+        self._check_against_model(metric)
         # reconstruction reads the calibration data even when the scores are given
-        self.needs_data = config.reconstruct or (record is None and (needs_block_inputs(config, metric)
-                                                                     or metric.needs_gradients))
+        self.needs_data = plan.reconstruct or (record is None and (needs_block_inputs(plan, metric)
+                                                                   or metric.needs_gradients))
         # compensation and reconstruction move what is cut into o_proj/down_proj biases, where the model can hold them
-        self.output_biases = config.compensate or (config.reconstruct
-                                                   and self.stack.adapter.supports_compensation())
-        if self.needs_data and config.calibration == SELF and not self.stack.blocks.whole_model:
+        self.output_biases = plan.compensate or (plan.reconstruct and adapter.supports_compensation())
+        if self.needs_data and plan.calibration == SELF and not self.stack.blocks.whole_model:
             raise PruneError("--calibration self samples text from the whole model, which --offload never holds "
                              "in memory; calibrate on a corpus or a file, or prune without --offload")
-        self.sequential = config.sequential and record is None and needs_block_inputs(config, metric)
-        self.alloc = config.allocation_options()
+        self.sequential = plan.sequential and record is None and needs_block_inputs(plan, metric)
+        self.alloc = plan.allocation_options()
         size_counts(self.stack, self.alloc)  # the budget can be met
         self.log = PhaseLog()
+
+    def _check_against_model(self, metric: Metric) -> None:
+        """Refuse, with no data and no forward pass, what this model cannot take: the metric, compensation, gradients
+        through an offloaded model, scores made for another model or with other settings."""
+        stack, plan, model = self.stack, self.plan, self.stack.model
+        for i in stack.prunable:
+            metric.check(stack.views[i])
+        if stack.adapter.heads_kept_because:
+            note_heads_kept(model.config.model_type, stack.adapter.heads_kept_because)
+        if metric.needs_gradients and self.record is None and not stack.blocks.whole_model:
+            raise PruneError(f"--method {plan.method} needs gradients through the whole model, which --offload "
+                             "never holds in memory; choose another method or prune without --offload")
+        if plan.compensate:
+            stack.adapter.check_compensation(model.config)
+        if self.record is not None:
+            self.record.check_matches(plan.scoring_settings(), [w.as_dict() for w in stack.widths()], stack.prunable)
 
     def calibration(self, tokenizer) -> torch.Tensor | None:
         """The calibration token ids this run needs (read with ``tokenizer``; for 'self', written by the model
         before it is pruned), or None when it needs none. Windows the model cannot take are refused first."""
         if not self.needs_data:
             return None
-        self.check_calibration(self.config.n_samples, self.config.seqlen)
-        return calibration_batch(self.stack.model, tokenizer, self.config)
+        self.check_calibration(self.plan.n_samples, self.plan.seqlen)
+        return calibration_batch(self.stack.model, tokenizer, self.plan)
 
     def check_calibration(self, samples: int, seqlen: int) -> None:
         """Refuse calibration windows past the model's context, or a calibration forward past free memory
@@ -134,7 +138,7 @@ class Pruner:
             return
         model = self.stack.model
         check_window(model.config, seqlen, option_name("seqlen"))
-        check_calibration_memory(model.config, samples, seqlen, self.config.batch_size,
+        check_calibration_memory(model.config, samples, seqlen, self.plan.batch_size,
                                  self.stack.blocks.compute_device(model))
 
     def run(self, calib: torch.Tensor | None = None, progress: ProgressStore | None = None) -> PruneResult:
@@ -142,7 +146,7 @@ class Pruner:
         ``progress``: where an offloaded run keeps its progress, to resume after an interruption."""
         calib = calib if self.needs_data else None
         if self.needs_data and calib is None:
-            needs = "reconstruction" if self.config.reconstruct else f"method {self.config.method}"
+            needs = "reconstruction" if self.plan.reconstruct else f"method {self.plan.method}"
             raise ValueError(f"{needs} needs calibration token ids: pass calibration(tokenizer)")
         if calib is not None:
             self.check_calibration(*calib.shape)
@@ -157,19 +161,19 @@ class Pruner:
             "model_before": model_before, "model_after": sum(p.numel() for p in model.parameters()),
         }
         tokens = 0 if calib is None else calib.numel()
-        return PruneResult(self.config, widths_before, stack.widths(), params, record, plans, self.log.phases, tokens)
+        return PruneResult(self.plan, widths_before, stack.widths(), params, record, plans, self.log.phases, tokens)
 
     def _scores_and_plans(self, alloc, calib, progress) -> tuple[ScoreRecord, dict[int, LayerPlan]]:
         if self.sequential:
-            return score_and_cut(self.stack, self.config, alloc, calib, progress, self.log)
+            return score_and_cut(self.stack, self.plan, alloc, calib, progress, self.log)
         if self.record is not None:
             record = self.record.only(self.stack.prunable)
         else:
-            record = score(self.stack, self.config, calib, progress, self.log)
-        if self.config.reconstruct:
-            return record, cut_and_refit(self.stack, record, alloc, self.config, calib, progress, self.log)
+            record = score(self.stack, self.plan, calib, progress, self.log)
+        if self.plan.reconstruct:
+            return record, cut_and_refit(self.stack, record, alloc, self.plan, calib, progress, self.log)
         with self.log.phase("surgery"):
-            return record, cut(self.stack, record, alloc, self.config.compensates())
+            return record, cut(self.stack, record, alloc, self.plan.compensate)
 
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calib: torch.Tensor | None = None,

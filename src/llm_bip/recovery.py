@@ -13,8 +13,9 @@ interrupted there continues with ``resume=True``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,8 @@ from .training_data import DataFile, TrainingData, build_training_data, read_dat
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 FinetuneConfig = TrainConfig  # finetune's options are the shared ones
 
@@ -100,36 +103,56 @@ class TeacherPlan:
 
 
 def run_finetune(source: str, out: str | Path, config: TrainConfig, *, device: str = "cpu", dtype: str = "float32",
-                 overwrite: bool = False, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                 echo: Callable[[str], None] = lambda line: None) -> dict:
-    """Train ``source`` on ``config.data`` with the language-model loss and write it to ``out``.
+                 overwrite: bool = False, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """Train ``source`` on ``config.data`` with the language-model loss and write it to ``out``
+    (``llm-bip finetune``). Progress lines go to the ``llm_bip.recovery`` logger.
 
-    Args: ``source``: any model ``prune`` reads or wrote; ``device``/``dtype``: where and how it trains;
-    ``overwrite``: replace ``out`` and an earlier run's checkpoints; ``resume``: continue from the last
-    checkpoint; ``callbacks``: transformers TrainerCallbacks; ``echo``: progress lines.
-    Returns the summary written to ``out`` (the input's, plus a "finetune" section)."""
+    Args:
+        source: any model ``prune`` reads or wrote.
+        out: the output folder, written atomically; checkpoints go to ``OUT.checkpoints``.
+        config: the training options (``FinetuneConfig``).
+        device: torch device it trains on, e.g. "cpu", "cuda:1".
+        dtype: "float32", "bfloat16" or "float16".
+        overwrite: replace ``out`` and an earlier run's checkpoints.
+        resume: continue from the last checkpoint in ``OUT.checkpoints``.
+        callbacks: transformers TrainerCallbacks.
+
+    Returns:
+        The summary written to ``out``: the input's, plus a "finetune" section.
+    """
     return recover(source, out, config, Objective(), None, device=device, dtype=dtype, overwrite=overwrite,
-                   resume=resume, callbacks=callbacks, echo=echo)
+                   resume=resume, callbacks=callbacks)
 
 
 def run_distill(source: str, out: str | Path, config: DistillConfig, *, device: str = "cpu", dtype: str = "float32",
-                overwrite: bool = False, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                echo: Callable[[str], None] = lambda line: None) -> dict:
+                overwrite: bool = False, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Distil the teacher (the model ``source`` was pruned from, or ``config.teacher``) into ``source`` and
-    write the student to ``out``. Arguments as ``run_finetune``. Returns the summary written to ``out``
-    (the input's, plus a "distill" section)."""
+    write the student to ``out`` (``llm-bip distill``). Progress lines go to the ``llm_bip.recovery`` logger.
+
+    Args:
+        source: the student: any model ``prune`` reads or wrote.
+        out: the output folder, written atomically; checkpoints go to ``OUT.checkpoints``.
+        config: the training, loss and teacher options (``DistillConfig``).
+        device: torch device the student trains on, e.g. "cpu", "cuda:1".
+        dtype: "float32", "bfloat16" or "float16" (the teacher's too unless ``config.teacher_dtype``).
+        overwrite: replace ``out`` and an earlier run's checkpoints.
+        resume: continue from the last checkpoint in ``OUT.checkpoints``.
+        callbacks: transformers TrainerCallbacks.
+
+    Returns:
+        The summary written to ``out``: the input's, plus a "distill" section.
+    """
     config.validate()
     plan = TeacherPlan(teacher_source(source, config.teacher), config.teacher_dtype or dtype, config.teacher_device,
                        Path(config.teacher_cache) if config.teacher_cache else None, config.cache_top_k)
     if plan.device is not None:
         check_device(plan.device, plan.dtype)
     return recover(source, out, config, config.objective(), plan, device=device, dtype=dtype, overwrite=overwrite,
-                   resume=resume, callbacks=callbacks, echo=echo)
+                   resume=resume, callbacks=callbacks)
 
 
 def recover(source: str, out: str | Path, config: TrainConfig, objective: Objective, plan: TeacherPlan | None, *,
-            device: str, dtype: str, overwrite: bool, resume: bool, callbacks: Sequence[TrainerCallback],
-            echo: Callable[[str], None]) -> dict:
+            device: str, dtype: str, overwrite: bool, resume: bool, callbacks: Sequence[TrainerCallback]) -> dict:
     """The recovery job: checks, data, the teacher (online or cached), training, perplexity before and after,
     the written model and its summary."""
     out, checkpoints, resume_from = check_recovery_job(source, out, config, plan, device, dtype, overwrite, resume)
@@ -151,13 +174,13 @@ def recover(source: str, out: str | Path, config: TrainConfig, objective: Object
     ppl = {}
     if config.eval != "none":
         with log.phase("eval_before"):
-            ppl["before"] = evaluate(model, tokenizer, config, state.is_main_process, echo)
+            ppl["before"] = evaluate(model, tokenizer, config, state.is_main_process)
     with log.phase("train"):
         model, trainer, checksums = train_model(model, tokenizer, dataset, config, objective, teacher_model, args,
                                                 resume_from, callbacks)
     if config.eval != "none":
         with log.phase("eval_after"):
-            ppl["after"] = evaluate(model, tokenizer, config, state.is_main_process, echo)
+            ppl["after"] = evaluate(model, tokenizer, config, state.is_main_process)
     section = {"model": source, "dtype": dtype, **run_record(config, data, args, trainer), "resumed_from": resume_from,
                "checksums": checksums, "objective": asdict(objective), "perplexity": ppl}
     if plan is not None:
@@ -168,7 +191,7 @@ def recover(source: str, out: str | Path, config: TrainConfig, objective: Object
         with log.phase("save"):
             save_model(model, tokenizer, out, overwrite, lambda tmp: write_extras(tmp, source, summary, name, log))
         shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
-        echo(f"trained {trainer.state.global_step} steps on {args.world_size} process(es); wrote {out}")
+        logger.info(f"trained {trainer.state.global_step} steps on {args.world_size} process(es); wrote {out}")
     state.wait_for_everyone()
     return summary
 
@@ -266,11 +289,12 @@ def teacher_record(plan: TeacherPlan, device: str) -> dict:
     return record
 
 
-def evaluate(model, tokenizer, config: TrainConfig, progress: bool, echo: Callable[[str], None]) -> dict:
+def evaluate(model, tokenizer, config: TrainConfig, progress: bool) -> dict:
+    """The perplexity of ``config.eval``, logged where ``progress`` (the main process)."""
     result = perplexity(model, tokenizer, config.eval, "test", config.eval_seqlen, config.eval_max_tokens,
                         progress=progress, cache=config.cache)
     if progress:
-        echo(str(result))
+        logger.info(str(result))
     return result.as_dict()
 
 

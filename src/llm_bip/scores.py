@@ -18,9 +18,6 @@ from .metrics import UnitScores
 from .outputs import SCORES_FILE
 
 METADATA_KEY = "llm_bip_scores"
-# PruneConfig fields that decide the scores; a re-prune must agree with the run that made them
-SCORING_FIELDS = ("method", "lipschitz", "head_score", "compensate", "sequential", "selection", "calibration",
-                  "n_samples", "seqlen", "batch_size", "seed")
 # the settings of files written before a field existed
 EARLIER_SETTINGS = {"selection": "scores"}
 
@@ -32,7 +29,7 @@ class ScoreRecord:
     scores: dict[int, UnitScores]
     norms: dict[int, float]
     means: dict[int, tuple[torch.Tensor, torch.Tensor]]  # (o_proj input, down_proj input) means
-    settings: dict  # the SCORING_FIELDS of the run
+    settings: dict  # the scoring settings of the run (PrunePlan.scoring_settings)
     widths: list[dict]  # every layer's widths when scored
 
     def check_matches(self, settings: dict, widths: list[dict], prunable: list[int]) -> None:

@@ -29,16 +29,17 @@ import math
 import torch
 
 from .adapters import BlockView
-from .allocation import attention_units
 from .calibration import BlockGrams
 from .metrics import UnitScores
+from .options import Gqa
 from .surgery import RIDGE, augmented
+from .units import attention_units
 
 GREEDY_STEPS = 64  # removal steps per projection at most: wider ones remove several units a step
 
 
 @torch.no_grad()
-def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gqa: str) -> UnitScores:
+def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gqa: Gqa) -> UnitScores:
     """The method's scores ``prior`` handed out again in the refit-aware order: in each module, the unit the
     greedy removes k-th takes the values of the unit ``prior`` ranks k-th. Every block keeps the values it had,
     so any allocation takes as many units from it as the method does; the refit decides which. Attention units

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
+from .config import PruneConfig, PrunePlan
 from .data import SELF, calibration_ids
 from .errors import PruneError
 from .evaluation import model_digest
@@ -26,7 +26,7 @@ from .outputs import cache_dir, write_cache_entry
 SAMPLING = "temperature 1, whole vocabulary, KV cache"  # in the cache key: another scheme is another entry
 
 
-def calibration_batch(model, tokenizer, config: PruneConfig) -> torch.Tensor:
+def calibration_batch(model, tokenizer, config: PruneConfig | PrunePlan) -> torch.Tensor:
     """The calibration ids [n_samples, seqlen] that ``config`` names: written by ``model`` for 'self',
     else windows of the train split (or whole file) of its text source."""
     if config.calibration == SELF:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .adapters import BlockView, ModelAdapter, Rows, Widths
-from .allocation import LayerPlan
 from .calibration import BlockGrams
+from .units import LayerPlan
 
 # damping of the reconstruction's least squares: lambda = RIDGE * mean diagonal of G[K, K]
 RIDGE = 0.01

@@ -1,15 +1,26 @@
 """Tiny randomly initialised decoder models of every supported family and a word-level tokenizer, for every test: built
-in-process (``tiny_model``, ``build_model``) or saved as a model folder (``save_tiny_model``)."""
+in-process (``tiny_model``, ``build_model``) or saved as a model folder (``save_tiny_model``); one block of one with its
+calibration inputs (``block_setup``) and the brute-force change of its output (``output_change``).
+
+Tests and the benchmarks on these models (bench/family_bounds.py, bench/family_shapes.py) share them from here.
+"""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
+import gguf
 import torch
 import transformers as hf
 
+from .adapters import BlockView, adapter_for
+from .calibration import BlockInputs, BlockStats, capture_block_inputs, collect_block_stats, forward_block
+
 VOCAB = 96  # of in-process models; random_ids draws from it
+# GGUF vocabulary fields of a model exported without a tokenizer: llama.cpp then runs on token ids alone
+TOKEN_IDS_ONLY = {"tokenizer.ggml.model": gguf.GGUFValue("none", gguf.GGUFValueType.STRING)}
 
 # model_type -> (config class, model class)
 ARCHITECTURES = {
@@ -31,7 +42,7 @@ MIXED_LAYERS = dict(sliding_window=6, layer_types=["sliding_attention", "full_at
 GEMMA = dict(MIXED_LAYERS, tie_word_embeddings=True)  # as every Gemma ships
 
 # name -> (architecture, config overrides)
-VARIANTS = {
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
     "llama-gqa": ("llama", dict(num_attention_heads=6, num_key_value_heads=2)),
     "llama-gqa-bias": ("llama", dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True, mlp_bias=True)),
@@ -135,3 +146,30 @@ def calibration_text(n_words: int = 3000, seed: int = 0) -> str:
 
 def random_ids(n: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def block_setup(variant: str, seed: int = 0, scale: float = 3.0, layer: int = 1,
+                layers: int = 2) -> tuple[BlockView, BlockInputs, BlockStats, torch.Tensor]:
+    """Block ``layer`` of a float64 ``tiny_model`` of ``layers`` blocks: (its view, its calibration inputs (through
+    the blocks before it), its statistics, its dense outputs over all of them)."""
+    model = tiny_model(variant, layers=layers, seed=seed, scale=scale).double()
+    adapter = adapter_for(model.config)
+    inputs = capture_block_inputs(model, adapter.layers(model), random_ids(4, 24, seed), batch_size=2)
+    for i in range(layer):
+        inputs = forward_block(adapter.block(model, i), inputs)
+    view = adapter.block(model, layer)
+    stats, outputs = collect_block_stats(view, inputs)
+    return view, inputs, stats, torch.cat([o for o, _ in outputs])
+
+
+def output_change(view: BlockView, inputs: BlockInputs, dense_y: torch.Tensor, weight: torch.Tensor,
+                  cols: list[int] | torch.Tensor) -> float:
+    """||y - y'||_F over all calibration tokens after zeroing ``cols`` of ``weight`` (restored after)."""
+    saved = weight.data.clone()
+    weight.data[:, cols] = 0
+    try:
+        with torch.no_grad():
+            y = torch.cat([view.layer(h, **kw[view.index]) for h, kw in inputs])
+    finally:
+        weight.data.copy_(saved)
+    return float((y - dense_y).norm())
