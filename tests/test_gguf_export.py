@@ -83,6 +83,38 @@ def test_llama_cpp_gives_the_logits_of_the_pruned_model(variant, allocation, tmp
         assert (values if isinstance(values, list) else [values] * layers) == expected
 
 
+TARGET_CASES = ["llama-gqa-bias", "mistral-gqa", "qwen2-gqa", "phi3-gqa", "qwen3-gqa", "smollm3-gqa",
+                "olmo2-gqa", "gemma2-gqa", "gemma3-gqa"]
+
+
+@pytest.mark.parametrize("variant", TARGET_CASES)
+def test_target_llamacpp_gives_a_model_llama_cpp_runs_with_its_logits(variant, tmp_path):
+    """The default method (global allocation, refit, compensation where the family holds biases) with --target
+    llamacpp: per-layer widths where the deci graph serves the family, one width elsewhere, every FFN width a
+    multiple of 32; llama.cpp gives the pruned model's logits."""
+    layers = 4 if variant.startswith("smollm3") else 3  # smollm3: its fourth layer is the first without RoPE
+    model = tiny_model(variant, layers=layers, scale=4.0)
+    prune(model, None, PruneConfig(ratio=0.25, target="llamacpp"), calib=random_ids(8, 16))
+    adapter = adapter_for(model.config)
+    widths = [adapter.block(model, i).widths for i in range(layers)]
+    assert all(w.intermediate_size % 32 == 0 for w in widths)
+    if LAYOUTS[model.config.model_type][1] is None:
+        assert len(set(widths)) == 1
+    ours, theirs = llama_cpp_logits(model, tmp_path / "model.gguf")
+    tolerance = 2e-3 if model.config.model_type.startswith("gemma") else 2e-4
+    assert (ours - theirs).abs().max() < tolerance * ours.abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize("variant,options,words", [
+    ("qwen3-gqa", dict(allocation="global"), r"target \(--target\) llamacpp computes one width for every layer"),
+    ("smollm3-gqa", dict(compensate=True), r"adds no o_proj/down_proj biases.*compensate \(--compensate\)"),
+])
+def test_target_llamacpp_refuses_what_the_user_asked_that_llama_cpp_cannot_compute(variant, options, words):
+    with pytest.raises(PruneError, match=words):
+        prune(tiny_model(variant, layers=4), None, PruneConfig(target="llamacpp", **options), calib=random_ids())
+
+
 def tiny_gemma2(**fields):
     sizes = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
                  num_key_value_heads=2, head_dim=8)

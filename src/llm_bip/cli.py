@@ -36,7 +36,7 @@ def config_from_args(args) -> PruneConfig:
         reconstruct=args.reconstruct, selection=args.selection, calibration=args.calibration, n_samples=args.samples,
         seqlen=args.calib_seqlen,
         batch_size=args.batch_size, keep_dense=args.keep_dense, min_channels=args.min_channels, round_to=args.round_to,
-        seed=args.seed,
+        seed=args.seed, target=args.target,
     )
 
 

@@ -6,11 +6,12 @@ import argparse
 from pathlib import Path
 from typing import TypedDict, get_args
 
-from .config import Allocation, Gqa, HeadScore, Lipschitz, Normalize, PruneConfig, Selection
+from .config import PruneConfig
 from .data import corpora_help, corpus_names
 from .devices import DTYPES
 from .gguf_export import FILE_TYPES
 from .methods import METHODS
+from .options import Allocation, Gqa, HeadScore, Lipschitz, Normalize, Selection, Target
 from .outputs import EVAL_FILE, SCORES_FILE
 from .recovery import DistillConfig, FinetuneConfig
 from .sources import DEFAULT_MODEL
@@ -120,7 +121,12 @@ def _add_prune_run_options(p: argparse.ArgumentParser, d: PruneConfig) -> None:
     p.add_argument("--keep-dense", type=_int_list,
                    help="layers left dense, e.g. 0,-1 ('' for none; default: the method's choice)")
     p.add_argument("--min-channels", type=float, default=d.min_channels, help="fraction of FFN channels kept per layer")
-    p.add_argument("--round-to", type=int, default=d.round_to, help="kept FFN widths a multiple of this")
+    p.add_argument("--round-to", type=int, default=d.round_to,
+                   help="kept FFN widths a multiple of this (default 1; 32 with --target llamacpp)")
+    p.add_argument("--target", choices=get_args(Target), default=d.target,
+                   help="the engine the result must run in: transformers (any widths; the default) or llamacpp "
+                        "(what llama.cpp's graph for the family computes: uniform widths where it holds one width "
+                        "for all layers, no output biases where it adds none, rows of 32 for quantized files)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval", help="perplexity dataset before/after (default ptb; 'none' to skip; --offload: none)")
     add_ppl_options(p, prefix="eval-")

@@ -26,6 +26,8 @@ from .options import (
     Normalize,
     ScoreOptions,
     Selection,
+    Serving,
+    Target,
     option_name,
 )
 
@@ -55,8 +57,9 @@ class PruneConfig:
     seqlen: int = 512
     batch_size: int = 8
     min_channels: float = 0.05
-    round_to: int = 1
+    round_to: int | None = None
     seed: int = 0
+    target: Target = "transformers"
 
     def check(self) -> None:
         """Raise PruneError for any value no run can use; needs no model."""
@@ -83,6 +86,8 @@ class PruneConfig:
         if not _is_number(self.min_channels) or not 0 <= self.min_channels < 1:
             raise PruneError(f"{option_name('min_channels')} must be in [0, 1), got {self.min_channels}")
         for name, least in (("n_samples", 1), ("seqlen", 2), ("batch_size", 1), ("round_to", 1)):
+            if getattr(self, name) is None and _method_chooses(name):
+                continue
             if not _is_int(getattr(self, name)) or getattr(self, name) < least:
                 raise PruneError(f"{option_name(name)} must be a whole number >= {least}, got {getattr(self, name)!r}")
         if not _is_int(self.seed):
@@ -127,17 +132,33 @@ class PruneConfig:
             dense.add(i % num_layers)
         return sorted(dense)
 
-    def plan(self, num_layers: int, holds_biases: bool) -> "PrunePlan":
-        """The run's plan for a model of ``num_layers`` decoder layers whose architecture can (``holds_biases``)
-        or cannot hold output biases: checked, the method's choices filled in, the dense layers and "auto"
-        compensation decided. The one place a config is checked and resolved."""
-        config = self.resolved()
+    def plan(self, num_layers: int, holds_biases: bool, serving: Serving | None = None) -> "PrunePlan":
+        """The run's plan for a model of ``num_layers`` decoder layers that can (``holds_biases``: its
+        architecture, and the engine it targets) or cannot hold output biases, served by an engine that
+        computes ``serving`` (None: any widths, as transformers does): checked, the method's choices filled
+        in, the dense layers and "auto" compensation decided, the engine's limits applied. The one place a
+        config is checked and resolved."""
+        config = self._for_engine(serving) if serving is not None else self.resolved()
         dense = config.dense_layers(num_layers)
         if len(dense) == num_layers:
             raise PruneError("every layer is kept dense: nothing to prune")
         compensate = holds_biases if config.compensate == "auto" else config.compensate
         values = {**asdict(config), "keep_dense": tuple(dense), "compensate": compensate}
         return PrunePlan(**values)
+
+    def _for_engine(self, serving: Serving) -> "PruneConfig":
+        """The resolved config with what the engine cannot compute chosen otherwise where the method chose it,
+        refused where the user did: one FFN width for all layers, no output biases, rows of its quantization's
+        multiple."""
+        engine = f"{option_name('target')} {self.target}"
+        if not serving.per_layer and self.allocation not in (None, "uniform"):
+            raise PruneError(f"{engine} computes one width for every layer of this family; drop "
+                             f"{option_name('allocation')} {self.allocation} (it then allocates uniformly)")
+        if not serving.output_biases and self.compensate is True:
+            raise PruneError(f"{engine} adds no o_proj/down_proj biases in this family; drop "
+                             f"{option_name('compensate')}")
+        config = replace(self, round_to=self.round_to or serving.row_multiple).resolved()
+        return config if serving.per_layer else replace(config, allocation="uniform")
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,7 @@ class PrunePlan:
     min_channels: float
     round_to: int
     seed: int
+    target: Target
 
     @property
     def metric(self) -> str:

@@ -15,11 +15,13 @@ import gguf
 
 from .adapters import BlockView
 from .errors import PruneError
+from .options import Serving
 
 T = gguf.MODEL_TENSOR
 QKV_BIASES = (T.ATTN_Q, T.ATTN_K, T.ATTN_V)  # loaded where present, in every architecture
 ALL_BIASES = QKV_BIASES + (T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
 ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load time, so expressible as rope_freqs
+QUANT_BLOCK = 32  # the smallest quantization block: a row of another length is stored as f16
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,23 @@ LAYOUTS: dict[str, tuple[Layout, Layout | None]] = {
 }
 
 
+def serving(config) -> Serving:
+    """What llama.cpp computes for this model's family (``--target llamacpp``): per-layer widths where its
+    ``deci`` graph serves the family, output biases where the graph adds them, rows of quantization blocks."""
+    uniform, per_layer = LAYOUTS[config.model_type]
+    biases = set((per_layer or uniform).biases)
+    return Serving(per_layer=per_layer is not None, output_biases={T.ATTN_OUT, T.FFN_DOWN} <= biases,
+                   row_multiple=QUANT_BLOCK)
+
+
 def layout_for(config, blocks: list[BlockView]) -> Layout:
     """The llama.cpp layout that computes these blocks as transformers does; a PruneError where none does."""
     uniform, per_layer = LAYOUTS[config.model_type]
     layout = uniform if len({view.widths for view in blocks}) == 1 else per_layer
     if layout is None:
         raise PruneError(f"llama.cpp's {uniform.name} layout holds one head count and one FFN width for every "
-                         "layer, and this model's differ; prune with --allocation uniform for a file llama.cpp runs")
+                         "layer, and this model's differ; prune with --target llamacpp (--allocation uniform, chosen "
+                         "by the same scores) for a file llama.cpp runs")
     check_rope(config, layout)
     if not layout.own_head and not config.tie_word_embeddings:
         raise PruneError(f"llama.cpp's {layout.name} layout always reuses the embedding as LM head, and this model "
@@ -161,5 +173,5 @@ def check_biases(layout: Layout, view: BlockView) -> None:
         if kind not in layout.biases and projection.bias is not None and bool(projection.bias.any()):
             name = gguf.TENSOR_NAMES[kind].format(bid=view.index)
             raise PruneError(f"llama.cpp's {layout.name} graph adds no {name} bias, and this model has one "
-                             "(bias compensation or reconstruction puts it there: prune with --no-compensate "
-                             "--no-reconstruct for this export)")
+                             "(bias compensation or reconstruction puts it there: prune with --target llamacpp "
+                             "for this export)")

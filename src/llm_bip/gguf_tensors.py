@@ -11,9 +11,7 @@ import torch
 
 from .adapters import BlockView, Norm, adapter_for
 from .errors import PruneError
-from .gguf_layouts import Layout, rope_base
-
-QUANT_BLOCK = 32  # the smallest quantization block: a row of another length is stored as f16
+from .gguf_layouts import QUANT_BLOCK, Layout, rope_base
 
 
 def rope_factors(model, head_dim: int) -> torch.Tensor | None:
@@ -79,5 +77,5 @@ def check_quantizable(model, file_type: str) -> None:
             if weight.dim() == 2 and width % QUANT_BLOCK:
                 name = gguf.TENSOR_NAMES[kind].format(bid=view.index)
                 raise PruneError(f"{name} has rows of {width} values, not a multiple of {QUANT_BLOCK}, so llama.cpp "
-                                 f"would store it as f16, not {file_type}; prune with --round-to {QUANT_BLOCK}, "
-                                 "or pass --allow-f16-rows")
+                                 f"would store it as f16, not {file_type}; prune with --round-to {QUANT_BLOCK} "
+                                 "(as --target llamacpp does), or pass --allow-f16-rows")

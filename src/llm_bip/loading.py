@@ -132,7 +132,9 @@ def empty_model(config, dtype: torch.dtype | None = None):
     if config.is_heterogeneous:
         config.allow_global_per_layer_attribute_access = True
     with _quiet_transformers(), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # the family's own classes, never the modelling file a per-layer folder carries for stock loaders
+        # (config.json's auto_map): transformers takes the local class unless remote code is trusted
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         if config.is_heterogeneous:
             layers = adapter.layers(model)
             for i, layer in enumerate(layers):

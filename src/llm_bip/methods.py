@@ -12,6 +12,7 @@ BASE_DEFAULTS = {
     "sequential": False,
     "reconstruct": False,
     "selection": "scores",
+    "round_to": 1,
 }
 
 METHODS: dict[str, dict] = {

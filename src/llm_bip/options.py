@@ -19,10 +19,11 @@ HeadScore = Literal["channels", "exact"]
 Gqa = Literal["groups", "heads"]
 Compensate = Literal[True, False, "auto"]  # "auto": where the architecture can hold output biases
 Selection = Literal["scores", "refit"]  # refit: by the error the refit leaves (selection.py); needs reconstruct
+Target = Literal["transformers", "llamacpp"]  # the engine the result must run in (transformers: any widths)
 
 # the options that take one of a fixed set of values
 CHOICES = {"method": Method, "allocation": Allocation, "normalize": Normalize, "lipschitz": Lipschitz,
-           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate, "selection": Selection}
+           "head_score": HeadScore, "gqa": Gqa, "compensate": Compensate, "selection": Selection, "target": Target}
 # the CLI options spelled otherwise than their field (any other field f is --f, with dashes)
 FLAGS = {"n_samples": "--samples", "seqlen": "--calib-seqlen"}
 # the fields that decide the scores; a re-prune must agree with the run that made them
@@ -35,6 +36,16 @@ class Unit(IntEnum):
 
     ATTENTION = 0  # a KV group or a per-group head slot
     CHANNEL = 1  # one FFN channel
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the engine a run targets computes for a model's family: per-layer widths, o_proj/down_proj biases,
+    and rows of which multiple its quantized matrices hold."""
+
+    per_layer: bool
+    output_biases: bool
+    row_multiple: int
 
 
 def option_name(field: str) -> str:

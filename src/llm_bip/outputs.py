@@ -1,7 +1,8 @@
 """Everything llm-bip writes goes through here: output folders are checked before any work (never an input,
 never a folder llm-bip did not write), written under a temporary name and renamed into place, so an
 interrupted run leaves nothing that looks complete; single files and cache entries the same way. Also the
-names of llm-bip's own files and the library versions recorded with them. Imports only ``errors``."""
+names of llm-bip's own files and the library versions recorded with them. Imports only ``errors`` and
+``remote_code``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .errors import PruneError
+from .remote_code import add_remote_code
 
 SUMMARY_FILE = "llm_bip_summary.json"  # llm-bip prune and finetune
 SCORES_FILE = "llm_bip_scores.safetensors"  # llm-bip prune (scores.py)
@@ -142,9 +144,11 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def save_model(model, tokenizer, out: Path, overwrite: bool, extras: Callable[[Path], None] | None = None) -> Path:
-    """Write model, tokenizer and any extra files (summary, scores) into ``out`` atomically."""
+    """Write model, tokenizer and any extra files (summary, scores) into ``out`` atomically; a model with
+    per-layer widths with the modelling file stock transformers loads it with (``remote_code``)."""
     with atomic_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp)
+        add_remote_code(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extras is not None:

@@ -23,6 +23,7 @@ from .engine import (
     size_counts,
 )
 from .errors import PruneError
+from .gguf_layouts import serving
 from .limits import check_calibration_memory, check_window
 from .metrics import Metric, make_metric
 from .offload import BlockStore
@@ -89,7 +90,9 @@ class Pruner:
     def __init__(self, model, config: PruneConfig, record: ScoreRecord | None = None,
                  blocks: BlockStore | None = None):
         adapter = adapter_for(model.config)
-        plan = config.plan(len(adapter.layers(model)), adapter.supports_compensation())
+        engine = serving(model.config) if config.target == "llamacpp" else None
+        holds_biases = adapter.supports_compensation() and (engine is None or engine.output_biases)
+        plan = config.plan(len(adapter.layers(model)), holds_biases, engine)
         self.stack = Stack(model, plan.keep_dense, blocks)
         self.plan, self.record = plan, record
         metric = make_metric(plan.metric, plan.score_options())
@@ -98,7 +101,7 @@ class Pruner:
         self.needs_data = plan.reconstruct or (record is None and (needs_block_inputs(plan, metric)
                                                                    or metric.needs_gradients))
         # compensation and reconstruction move what is cut into o_proj/down_proj biases, where the model can hold them
-        self.output_biases = plan.compensate or (plan.reconstruct and adapter.supports_compensation())
+        self.output_biases = plan.compensate or (plan.reconstruct and holds_biases)
         if self.needs_data and plan.calibration == SELF and not self.stack.blocks.whole_model:
             raise PruneError("--calibration self samples text from the whole model, which --offload never holds "
                              "in memory; calibrate on a corpus or a file, or prune without --offload")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import PruneError
 from .outputs import atomic_folder, write_atomically
+from .remote_code import add_remote_code
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_METADATA = {"format": "pt"}
@@ -124,9 +125,11 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save_config(model, folder: Path) -> None:
-    """config.json and generation_config.json, as ``save_pretrained`` writes them."""
+    """config.json and generation_config.json, as ``save_pretrained`` writes them (and ``save_model``: the
+    modelling file of per-layer widths)."""
     model.config.dtype = str(model.dtype).removeprefix("torch.")
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
+    add_remote_code(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
