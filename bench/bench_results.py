@@ -10,12 +10,13 @@ from llm_bip.tables import markdown_table
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_rows(name: str, rows: list[dict], columns: list[str]) -> str:
-    """Write the rows and return the markdown table (absent fields as '-', floats to 3 significant digits)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+def write_rows(name: str, rows: list[dict], columns: list[str], folder: Path = RESULTS) -> str:
+    """Write the rows (to bench/results unless ``folder`` says otherwise) and return the markdown table (absent
+    fields as '-', floats to 3 significant digits)."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+    (folder / f"{name}.md").write_text(table + "\n")
     return table
 
 

@@ -69,14 +69,16 @@ def random_tensor(shape: torch.Size, name: str, dtype: torch.dtype, gen: torch.G
 def synthesize(folder: Path, args: argparse.Namespace) -> None:
     """A random checkpoint written shard by shard (never more than one shard in memory), with config and tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2"))
+    tied = getattr(args, "tied", False)  # optional (bench/scaling.py): a vocabulary and tied LM head as a real model's
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.calib_seqlen), tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=getattr(args, "vocab", None) or len(tokenizer), hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.calib_seqlen),
+        tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     dtype = DTYPES[args.dtype]
-    shapes = {name: t.shape for name, t in empty_model(config, dtype).state_dict().items()}
+    shapes = {name: t.shape for name, t in empty_model(config, dtype).state_dict().items()
+              if not (tied and name.startswith("lm_head."))}  # a tied head is stored once, as the embedding
     weight_map = {name: shard_of(name, args.layers) for name in shapes}
     gen = torch.Generator().manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,8 @@ def run_prune(model: Path, out: Path, args: argparse.Namespace, offload: bool) -
     """One ``llm-bip prune`` in a subprocess: its wall time, peak RSS and the run's own phases."""
     cmd = [sys.executable, "-m", "llm_bip.cli", "prune", str(model), "--out", str(out), "--overwrite",
            "--dtype", args.dtype, "--method", args.method, "--ratio", str(args.ratio), "--samples", str(args.samples),
-           "--calib-seqlen", str(args.calib_seqlen), "--eval", "none", *(["--offload"] if offload else [])]
+           "--calib-seqlen", str(args.calib_seqlen), "--eval", "none", *(["--offload"] if offload else []),
+           *(["--calibration", args.calibration] if getattr(args, "calibration", None) else [])]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(cmd)

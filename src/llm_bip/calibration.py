@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.nn import functional as F
 
 from .adapters import BlockView, Norm
+from .devices import execution_device, input_device
 from .errors import PruneError
 
 # Per calibration batch: the hidden states entering a block, and every block's keyword arguments for
@@ -33,7 +35,7 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
     """Run the model once per batch with every block passing its input through unchanged: block 0's
     hidden states, and the keyword arguments each block is called with; it stops after the last block."""
     captured: BlockInputs = []
-    device = next(model.parameters()).device
+    device = input_device(model)
     with _passing_through(layers) as calls:
         for batch in ids.split(batch_size):
             calls.clear()
@@ -60,13 +62,17 @@ def _passing_through(layers: nn.ModuleList):
             return hidden
         return forward
 
+    own = [layer.__dict__.get("forward") for layer in layers]  # accelerate's hooks put one on dispatched blocks
     for i, layer in enumerate(layers):
         layer.forward = recorder(i == len(layers) - 1)
     try:
         yield calls
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def block_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -76,8 +82,14 @@ def block_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.
 
 @torch.no_grad()
 def forward_block(view: BlockView, inputs: BlockInputs) -> BlockInputs:
-    """The block's outputs, ready to be the next block's inputs."""
-    return [(block_output(view.layer, h, kw[view.index]), kw) for h, kw in inputs]
+    """The block's outputs, ready to be the next block's inputs. It computes where its weights are: the hidden
+    states go there (and its outputs stay there), and its keyword arguments too (they are kept there)."""
+    device = execution_device(view.layer)
+    outputs = []
+    for h, kw in inputs:
+        kw[view.index] = send_to_device(kw[view.index], device)
+        outputs.append((block_output(view.layer, h.to(device), kw[view.index]), kw))
+    return outputs
 
 
 def output_norm_scales(norm: Norm, out: torch.Tensor) -> torch.Tensor:
@@ -316,7 +328,7 @@ def accumulate_lm_gradients(model: nn.Module, weights: list[nn.Parameter], ids: 
     for w in weights:
         w.requires_grad_(True)
         w.grad = None
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for batch in ids.split(batch_size):
             batch = batch.to(device)

@@ -47,15 +47,16 @@ def cmd_prune(args) -> None:
     summary = run_prune(
         args.model, args.out, config_from_args(args), offload=args.offload, resume=args.resume,
         overwrite=args.overwrite, scores=args.scores, eval_dataset=args.eval, eval_seqlen=args.eval_seqlen,
-        eval_max_tokens=args.eval_max_tokens, device=args.device, dtype=args.dtype,
+        eval_max_tokens=args.eval_max_tokens, device=args.device, dtype=args.dtype, device_map=args.device_map,
         measure=partial(perplexity, cache=args.cache),
     )
     print_prune_report(summary, args.out)
 
 
 def cmd_prune_and_recover(args) -> None:
-    if args.offload:
-        raise PruneError("--recover trains the whole model in memory; prune with --offload first, then run "
+    if args.offload or args.device_map is not None:
+        option = "--offload" if args.offload else "--device-map"
+        raise PruneError(f"--recover trains the whole model in memory; prune with {option} first, then run "
                          "llm-bip distill where the model fits (or under accelerate launch)")
     recovery = DistillConfig(data=args.recover_data, max_steps=args.recover, seed=args.seed)
     summary = run_prune_and_recover(

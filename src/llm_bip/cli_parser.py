@@ -133,6 +133,10 @@ def _add_prune_run_options(p: argparse.ArgumentParser, d: PruneConfig) -> None:
     p.add_argument("--offload", action="store_true",
                    help="models larger than memory: one block at a time is read from the checkpoint's shards, "
                         "scored, cut and written out; the work is kept in OUT.partial")
+    p.add_argument("--device-map", metavar="MAP", help="place the model over several devices with accelerate instead "
+                   "of --device: auto (or balanced, balanced_low_0, sequential), or a JSON object (text or .json "
+                   'file) of module names to devices, e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., '
+                   '"lm_head": 1}; "disk" offloads a block, read for each forward; each block computes on its device')
     p.add_argument("--resume", action="store_true", help="continue an interrupted --offload run from OUT.partial, "
                    "or an interrupted --recover run at the phase it stopped in")
     p.add_argument("--recover", type=int, metavar="STEPS", help="then recover the pruned model: distil the dense "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import corpus_names, is_corpus, load_text, needs_bos, tokenize, with_bos
+from .devices import input_device
 from .errors import PruneError
 from .limits import check_window
 from .outputs import cache_dir, library_versions, write_cache_entry
@@ -80,7 +81,7 @@ def text_windows(tokenizer, dataset: str, split: str, seqlen: int, max_tokens: i
 @torch.no_grad()
 def torch_logits(model, batch: torch.Tensor) -> torch.Tensor:
     """A transformers model's logits for a batch of token ids."""
-    return model(batch.to(next(model.parameters()).device), use_cache=False).logits
+    return model(batch.to(input_device(model)), use_cache=False).logits
 
 
 @torch.no_grad()
@@ -166,10 +167,13 @@ def model_digest(model, settings: dict):
     ``settings``: the key of a result computed from the model (callers may add more to it)."""
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    settings = {**settings, "config": config, "device": next(model.parameters()).device.type,
-                "versions": library_versions()}
+    settings = {**settings, "config": config, "device": input_device(model).type, "versions": library_versions()}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if tensor.is_meta:  # offloaded by a device map: its hook reads it from disk or CPU memory
+            from transformers.integrations.accelerate import load_offloaded_parameter
+
+            tensor = load_offloaded_parameter(model, name)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest

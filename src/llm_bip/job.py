@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from .config import PruneConfig, config_for_scores
 from .data import check_calibration_source, check_text_source
-from .devices import check_device
+from .devices import DeviceMap, check_device, parse_device_map
+from .dispatch import DispatchedBlocks
 from .errors import PruneError
 from .evaluation import Perplexity, perplexity
 from .limits import check_window
@@ -38,14 +42,16 @@ logger = logging.getLogger(__name__)
 
 def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offload: bool, resume: bool,
                     overwrite: bool, scores: str | Path | None, eval_dataset: str | None, device: str,
-                    dtype: str) -> tuple[Path, str]:
-    """Every check that needs no model, run before anything is loaded: the options, the device, an output
-    folder (and offloaded work folder) apart from every input, readable calibration and evaluation text.
-    ``config`` is the run's, with ``scores``' settings taken in. Returns the output folder and the perplexity
-    dataset ("none": no perplexity)."""
+                    dtype: str, device_map: str | dict | None = None) -> tuple[Path, str, DeviceMap | None]:
+    """Every check that needs no model, run before anything is loaded: the options, the device or device map,
+    an output folder (and offloaded work folder) apart from every input, readable calibration and evaluation
+    text. ``config`` is the run's, with ``scores``' settings taken in. Returns the output folder, the perplexity
+    dataset ("none": no perplexity) and the device map as accelerate takes it (None: none)."""
     dataset = _eval_dataset(eval_dataset, offload, resume)
     config.check()
     check_device(device, dtype)
+    placement = parse_device_map(device_map)
+    _check_placement(placement, offload, device)
     calibration = config.calibration if scores is None or config.resolved().reconstruct else None
     inputs = local_inputs(source, calibration, scores, dataset)
     out = check_output_folder(out, overwrite, inputs)
@@ -55,13 +61,13 @@ def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offloa
         check_calibration_source(calibration)
     if dataset != "none":
         check_text_source(dataset)
-    return out, dataset
+    return out, dataset, placement
 
 
 def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *,
               offload: bool = False, resume: bool = False, overwrite: bool = False, scores: str | Path | None = None,
               eval_dataset: str | None = None, eval_seqlen: int = 128, eval_max_tokens: int | None = None,
-              device: str = "cpu", dtype: str = "float32",
+              device: str = "cpu", dtype: str = "float32", device_map: str | dict | None = None,
               measure: Callable[..., Perplexity] = partial(perplexity, cache=True)) -> dict:
     """Prune a model and write it, its scores and its summary to ``out`` (``llm-bip prune``); every check that
     needs no model comes first. Progress lines go to the ``llm_bip.job`` logger.
@@ -79,34 +85,33 @@ def run_prune(source: str, out: str | Path, config: PruneConfig | None = None, *
         eval_max_tokens: score only the first N tokens of the text (default: all).
         device: torch device, e.g. "cpu", "cuda:1".
         dtype: "float32", "bfloat16" or "float16".
+        device_map: accelerate's placement over devices, not ``device``: "auto" or module -> device (JSON).
         measure: computes perplexity as ``evaluation.perplexity`` does (default: reusing a cached measurement).
 
     Returns:
         The summary written to ``out`` (llm_bip_summary.json).
     """
     config, record = _with_scores(config or PruneConfig(), scores)
-    out, dataset = check_prune_job(source, out, config, offload=offload, resume=resume, overwrite=overwrite,
-                                   scores=scores, eval_dataset=eval_dataset, device=device, dtype=dtype)
+    out, dataset, placement = check_prune_job(source, out, config, offload=offload, resume=resume,
+                                              overwrite=overwrite, scores=scores, eval_dataset=eval_dataset,
+                                              device=device, dtype=dtype, device_map=device_map)
     log = PhaseLog()
-    with log.phase("load"):
-        model, tokenizer, blocks = _open_model(source, out, offload, dtype, device)
-    pruner = Pruner(model, config, record, blocks)  # checks every option against the model before any long work
-    if dataset != "none":
-        check_window(model.config, eval_seqlen, "--eval-seqlen")
-    calib = pruner.calibration(tokenizer)
-    progress = _begin_offloaded(pruner, blocks, out, scores, resume, overwrite, device) if offload else None
-    evals = Measurements(measure, dataset, eval_seqlen, eval_max_tokens, log)
-    evals.take("dense", model, tokenizer)
-    start = time.perf_counter()
-    result = pruner.run(calib, progress)
-    prune_wall = time.perf_counter() - start
-    evals.take("pruned", model, tokenizer)
-    summary = result.summary()
-    summary.update(model=source, dtype=dtype, device=device, prune_wall_s=round(prune_wall, 3),
-                   perplexity={k: v.as_dict() for k, v in evals.results.items()}, scores_file=SCORES_FILE,
-                   scores_from=str(scores) if scores else None, offload=offload)
-    with log.phase("save"):
-        blocks.save(model, tokenizer, out, overwrite, lambda tmp: _write_run_files(tmp, result, summary, log))
+    with _opened(source, out, offload, dtype, device, placement, log) as (model, tokenizer, blocks):
+        pruner = Pruner(model, config, record, blocks)  # checks every option against the model before any long work
+        evals = Measurements(measure, dataset, eval_seqlen, eval_max_tokens, log)
+        evals.check_window(model.config)
+        calib = pruner.calibration(tokenizer)
+        progress = _begin_offloaded(pruner, blocks, out, scores, resume, overwrite, device) if offload else None
+        evals.take("dense", model, tokenizer)
+        start = time.perf_counter()
+        result, prune_wall = pruner.run(calib, progress), time.perf_counter() - start
+        evals.take("pruned", model, tokenizer)
+        summary = result.summary()
+        summary.update(model=source, dtype=dtype, device=device, prune_wall_s=round(prune_wall, 3),
+                       perplexity={k: v.as_dict() for k, v in evals.results.items()}, scores_file=SCORES_FILE,
+                       scores_from=str(scores) if scores else None, offload=offload, device_map=blocks.placement())
+        with log.phase("save"):
+            blocks.save(model, tokenizer, out, overwrite, lambda tmp: _write_run_files(tmp, result, summary, log))
     return summary
 
 
@@ -116,12 +121,43 @@ def _with_scores(config: PruneConfig, scores: str | Path | None) -> tuple[PruneC
     return (config if record is None else config_for_scores(config, record)), record
 
 
-def _open_model(source: str, out: Path, offload: bool, dtype: str, device: str):
-    """(model, tokenizer, block store): the whole model, or offloaded, its blocks read one at a time."""
+@contextmanager
+def _opened(source: str, out: Path, offload: bool, dtype: str, device: str, device_map: DeviceMap | None,
+            log: PhaseLog):
+    """(model, tokenizer, block store) meanwhile: the whole model on ``device``; offloaded, its blocks read one
+    at a time; or dispatched by ``device_map``, with the modules it maps to disk in a work folder next to
+    ``out`` (removed after)."""
+    folder = _offload_folder(out, device_map)
+    try:
+        with log.phase("load"):
+            if offload:
+                opened = open_offloaded(source, dtype, device, partial_folder(out))
+            else:
+                model, tokenizer = load_model(source, dtype, device, device_map=device_map, offload_folder=folder)
+                opened = model, tokenizer, BlockStore() if device_map is None else DispatchedBlocks(model, device_map)
+        yield opened
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _offload_folder(out: Path, device_map: DeviceMap | None) -> Path | None:
+    """A fresh folder next to ``out`` for what a device map puts on disk (a strategy may), else None."""
+    if device_map is None or not (isinstance(device_map, str) or "disk" in device_map.values()):
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.offload-", dir=out.parent))
+
+
+def _check_placement(device_map: DeviceMap | None, offload: bool, device: str) -> None:
+    """Refuse a device map beside --offload or another --device."""
+    if device_map is None:
+        return
     if offload:
-        return open_offloaded(source, dtype, device, partial_folder(out))
-    model, tokenizer = load_model(source, dtype, device)
-    return model, tokenizer, BlockStore()
+        raise PruneError("--device-map and --offload together are not supported yet; map blocks to \"disk\" in "
+                         "--device-map to stream them from the disk to their device, or drop --device-map")
+    if device != "cpu":
+        raise PruneError(f"--device {device} and --device-map both place the model; pass one of them")
 
 
 def _begin_offloaded(pruner: Pruner, blocks: OffloadedBlocks, out: Path, scores: str | Path | None, resume: bool,
@@ -145,6 +181,11 @@ class Measurements:
     max_tokens: int | None
     log: PhaseLog
     results: dict[str, Perplexity] = field(default_factory=dict)
+
+    def check_window(self, config) -> None:
+        """Refuse perplexity windows longer than the model's context."""
+        if self.dataset != "none":
+            check_window(config, self.seqlen, "--eval-seqlen")
 
     def take(self, name: str, model, tokenizer) -> None:
         if self.dataset == "none":

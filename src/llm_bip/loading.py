@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .adapters import adapter_for
-from .devices import resolve_dtype
+from .devices import DeviceMap, resolve_dtype
 from .errors import PruneError
 from .shards import read_weights
 from .sources import DEFAULT_MODEL, resolve_source
@@ -32,22 +32,65 @@ class PerLayerAccessFilter(logging.Filter):
 logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").addFilter(PerLayerAccessFilter())
 
 
-def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", prunable: bool = True):
+def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", prunable: bool = True,
+               device_map: DeviceMap | None = None, offload_folder: Path | None = None):
     """(model, tokenizer) from a local folder, hub id, GGUF file or llm-bip pruned folder. ``prunable``:
-    refuse architectures no adapter prunes (evaluation takes any causal LM transformers loads)."""
+    refuse architectures no adapter prunes (evaluation takes any causal LM transformers loads). ``device_map``
+    (accelerate's: a strategy or module name -> device; ``device`` is then not read) dispatches the model over
+    several devices, modules mapped to disk offloaded to ``offload_folder``."""
     location = resolve_source(source, prunable)
     torch_dtype = resolve_dtype(dtype)
     config = read_config(source, location, prunable)
+    placed = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    check_tied_placement(config, device_map)
     try:
-        model = load_pruned(location, dtype=dtype) if config.is_heterogeneous else load_stock(location, torch_dtype)
+        if config.is_heterogeneous:
+            model = load_pruned(location, dtype=dtype)
+            model = model.to(device) if device_map is None else dispatch(model, device_map, offload_folder)
+        else:
+            model = load_stock(location, torch_dtype, **placed)
+            model = model.to(device) if device_map is None else model
         tokenizer = AutoTokenizer.from_pretrained(location)
     except PruneError:
         raise
     except Exception as err:
         raise PruneError(f"{source}: cannot load model ({type(err).__name__}: {err})") from err
     check_tokenizer_fits(source, tokenizer, model)
-    model.eval()
-    return model.to(device), tokenizer
+    return model.eval(), tokenizer
+
+
+def check_tied_placement(config, device_map: DeviceMap | None) -> None:
+    """Refuse a map that puts weights tied together (a tied LM head) apart, one of them on disk: accelerate then
+    finds no stored copy of the other (it fails to load, or in the first forward)."""
+    if not isinstance(device_map, dict) or "disk" not in device_map.values():
+        return
+    for target, source in (getattr(empty_model(config), "all_tied_weights_keys", None) or {}).items():
+        places = [_placement(name, device_map) for name in (target, source)]
+        if places[0] != places[1] and "disk" in places:
+            raise PruneError(f"--device-map puts {target} on {places[0]} and {source} on {places[1]}, but they "
+                             "share one weight, which accelerate cannot split with the disk: map both alike")
+
+
+def _placement(name: str, device_map: dict):
+    """Where ``device_map`` puts the tensor ``name``: its longest prefix's entry."""
+    parts = name.split(".")
+    keys = (".".join(parts[:n]) for n in range(len(parts), -1, -1))
+    return next((device_map[key] for key in keys if key in device_map), None)
+
+
+def dispatch(model, device_map: DeviceMap, offload_folder: Path | None):
+    """An in-memory model placed by ``device_map`` as from_pretrained places one (accelerate's dispatch)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = model._no_split_modules
+        memory = None if device_map == "sequential" else get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map, offload_dir=offload_folder)
+    model.hf_device_map = device_map
+    return model
 
 
 def read_config(source: str, location: Path | str, prunable: bool = True):
@@ -62,13 +105,14 @@ def read_config(source: str, location: Path | str, prunable: bool = True):
     return config
 
 
-def load_stock(location: Path | str, dtype: torch.dtype):
+def load_stock(location: Path | str, dtype: torch.dtype, **placed):
     """A model stock transformers can build, refused where its weights do not fill it exactly
-    (transformers would initialise the rest at random)."""
+    (transformers would initialise the rest at random). ``placed``: from_pretrained's device_map and
+    offload_folder."""
     try:
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
-                                                               ignore_mismatched_sizes=True)
+                                                               ignore_mismatched_sizes=True, **placed)
     except SafetensorError as err:
         raise PruneError(f"{location}: a weights file is corrupted or truncated ({err})") from err
     check_weights_match(location, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])

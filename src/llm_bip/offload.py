@@ -39,9 +39,16 @@ class BlockStore:
 
     whole_model = True
 
-    def compute_device(self, model) -> torch.device:
+    def compute_devices(self, model) -> list[torch.device]:
         """Where the blocks compute: the model's own device."""
-        return next(model.parameters()).device
+        return [next(model.parameters()).device]
+
+    def check_gradients(self, method: str) -> None:
+        """Refuse ``method``, which needs the LM loss's gradients, where they cannot reach the block weights."""
+
+    def placement(self) -> dict | None:
+        """Where a device map put the model's modules, for the summary (None: no device map)."""
+        return None
 
     @contextmanager
     def resident(self, index: int, write: bool = False):
@@ -75,8 +82,12 @@ class OffloadedBlocks(BlockStore):
         self.embedding = model.get_input_embeddings()
         self.embedding_prefix = names[self.embedding]
 
-    def compute_device(self, model) -> torch.device:
-        return self.device
+    def compute_devices(self, model) -> list[torch.device]:
+        return [self.device]
+
+    def check_gradients(self, method: str) -> None:
+        raise PruneError(f"--method {method} needs gradients through the whole model, which --offload "
+                         "never holds in memory; choose another method or prune without --offload")
 
     def settings(self) -> dict[str, str]:
         """What a resumed run must read the same way: the checkpoint, dtype and device."""

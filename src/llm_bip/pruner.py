@@ -12,6 +12,7 @@ import torch
 from .adapters import Widths, adapter_for
 from .config import PruneConfig, PrunePlan
 from .data import SELF
+from .dispatch import blocks_of
 from .engine import (
     Stack,
     add_compensation_biases,
@@ -85,7 +86,7 @@ class Pruner:
     """One pruning run over a loaded model. Construction checks every option against the model, with
     no data and no forward pass; ``run()`` prunes in place and returns the result. Given the ``record``
     of an earlier run's scores, it cuts from them without scoring. ``blocks`` says where the blocks'
-    weights live (offload.py); by default all in memory."""
+    weights live (offload.py); by default all in memory, or as accelerate dispatched them (dispatch.py)."""
 
     def __init__(self, model, config: PruneConfig, record: ScoreRecord | None = None,
                  blocks: BlockStore | None = None):
@@ -93,7 +94,7 @@ class Pruner:
         engine = serving(model.config) if config.target == "llamacpp" else None
         holds_biases = adapter.supports_compensation() and (engine is None or engine.output_biases)
         plan = config.plan(len(adapter.layers(model)), holds_biases, engine)
-        self.stack = Stack(model, plan.keep_dense, blocks)
+        self.stack = Stack(model, plan.keep_dense, blocks or blocks_of(model))
         self.plan, self.record = plan, record
         metric = make_metric(plan.metric, plan.score_options())
         self._check_against_model(metric)
@@ -118,9 +119,8 @@ class Pruner:
             metric.check(stack.views[i])
         if stack.adapter.heads_kept_because:
             note_heads_kept(model.config.model_type, stack.adapter.heads_kept_because)
-        if metric.needs_gradients and self.record is None and not stack.blocks.whole_model:
-            raise PruneError(f"--method {plan.method} needs gradients through the whole model, which --offload "
-                             "never holds in memory; choose another method or prune without --offload")
+        if metric.needs_gradients and self.record is None:
+            stack.blocks.check_gradients(plan.method)
         if plan.compensate:
             stack.adapter.check_compensation(model.config)
         if self.record is not None:
@@ -141,8 +141,8 @@ class Pruner:
             return
         model = self.stack.model
         check_window(model.config, seqlen, option_name("seqlen"))
-        check_calibration_memory(model.config, samples, seqlen, self.plan.batch_size,
-                                 self.stack.blocks.compute_device(model))
+        for device in self.stack.blocks.compute_devices(model):
+            check_calibration_memory(model.config, samples, seqlen, self.plan.batch_size, device)
 
     def run(self, calib: torch.Tensor | None = None, progress: ProgressStore | None = None) -> PruneResult:
         """Prune in place. ``calib``: token ids from ``calibration()`` (ignored when the run needs none);

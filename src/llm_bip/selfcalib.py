@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import PruneConfig, PrunePlan
 from .data import SELF, calibration_ids
+from .devices import input_device
 from .errors import PruneError
 from .evaluation import model_digest
 from .outputs import cache_dir, write_cache_entry
@@ -79,7 +80,7 @@ def sample_windows(model, start: int, vocab: int, n_samples: int, seqlen: int, s
     an embedding padded beyond it has no text), sampled ``batch_size`` windows at a time."""
     if n_samples < 1 or seqlen < 2:
         raise PruneError("need at least one calibration sample of at least 2 tokens")
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator(device=input_device(model)).manual_seed(seed)
     with tqdm(total=n_samples * (seqlen - 1), desc="self-calibration tokens", leave=False) as bar:
         return torch.cat([_sample(model, torch.full((min(batch_size, n_samples - first), 1), start), vocab, seqlen,
                                   generator, bar.update) for first in range(0, n_samples, batch_size)])
