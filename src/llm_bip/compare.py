@@ -91,7 +91,7 @@ def check_compare_job(source: str, out: str | Path, spec: CompareSpec, *, overwr
     configs = [parse_method(method, spec.base)[1] for method in spec.methods]
     for config in configs:  # fail on a bad spec before any long work
         for ratio in spec.ratios:
-            replace(config, ratio=ratio).resolved().check()
+            replace(config, ratio=ratio).resolved()  # checks every option
     calibration_sources = sorted({config.calibration for config in configs})
     check_output_folder(out, overwrite, local_inputs(source, *calibration_sources, *spec.datasets))
     for calibration in calibration_sources:

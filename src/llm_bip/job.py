@@ -48,11 +48,11 @@ def check_prune_job(source: str, out: str | Path, config: PruneConfig, *, offloa
     text. ``config`` is the run's, with ``scores``' settings taken in. Returns the output folder, the perplexity
     dataset ("none": no perplexity) and the device map as accelerate takes it (None: none)."""
     dataset = _eval_dataset(eval_dataset, offload, resume)
-    config.check()
+    resolved = config.resolved()  # checks every option first
     check_device(device, dtype)
     placement = parse_device_map(device_map)
     _check_placement(placement, offload, device)
-    calibration = config.calibration if scores is None or config.resolved().reconstruct else None
+    calibration = config.calibration if scores is None or resolved.reconstruct else None
     inputs = local_inputs(source, calibration, scores, dataset)
     out = check_output_folder(out, overwrite, inputs)
     if offload:
