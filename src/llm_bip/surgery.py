@@ -118,15 +118,17 @@ def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, g
     if ones:
         cols = torch.cat([cols, cols.new_tensor([gram.shape[0] - 1])])
     target = augmented(dense.weight, dense.bias).to(device)
-    g_kk = gram[cols][:, cols]
-    cross = gram[cols] @ target.T  # G[K, :] W~^T
-    damped = g_kk + RIDGE * g_kk.diagonal().mean() * torch.eye(len(cols), dtype=gram.dtype, device=device)
+    rows = gram[cols]  # G[K, :]
+    cross = rows @ target.T  # G[K, :] W~^T
+    damped = rows[:, cols]
+    del rows
+    ridge = add_ridge(damped)
     factor, info = torch.linalg.cholesky_ex(damped)
     if info:
         return
     refit = torch.cholesky_solve(cross, factor).T
     cut = augmented(linear.weight, linear.bias).to(device)
-    if _error_change(refit, g_kk, cross) > _error_change(cut, g_kk, cross):
+    if _error_change(refit, damped, ridge, cross) > _error_change(cut, damped, ridge, cross):
         return
     linear.weight.copy_(refit[:, :keep.numel()])
     if ones:
@@ -139,10 +141,19 @@ def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return weight if bias is None else torch.cat([weight, bias.to(weight)[:, None]], dim=1)
 
 
-def _error_change(b: torch.Tensor, g_kk: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+def add_ridge(gram: torch.Tensor) -> torch.Tensor:
+    """Damp the square ``gram`` in place, G + lambda I with lambda = RIDGE * mean diag G (no identity matrix is
+    made: at 28,672 columns one is 6.6 GB in float64); returns lambda."""
+    ridge = RIDGE * gram.diagonal().mean()
+    gram.diagonal().add_(ridge)
+    return ridge
+
+
+def _error_change(b: torch.Tensor, damped: torch.Tensor, ridge: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """The calibration squared error sum ||x~_K B^T - x~ W~^T||^2 of the weights B over the kept inputs, less
-    its term tr(W~ G W~^T), which is the same for every B: tr(B G[K, K] B^T) - 2 tr(B G[K, :] W~^T)."""
-    return ((b @ g_kk) * b).sum() - 2 * (b * cross.T).sum()
+    its term tr(W~ G W~^T), which is the same for every B: tr(B G[K, K] B^T) - 2 tr(B G[K, :] W~^T), with
+    G[K, K] = ``damped`` - ``ridge`` I."""
+    return ((b @ damped) * b).sum() - ridge * (b * b).sum() - 2 * (b * cross.T).sum()
 
 
 def describe_widths(adapter: ModelAdapter, config, widths: list[Widths]) -> None:
