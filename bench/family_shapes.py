@@ -2,10 +2,13 @@
 
 Random weights (no checkpoint of these families installs offline), two blocks of the real model's sizes
 (hidden, heads, KV heads, head width, FFN width, query scale, sliding windows), a small vocabulary. For
-each: the default ``bip`` at 20% and the uniform allocation at 20% and 50% (no compensation, no refit), on
-16 random windows of 128 tokens; the pruned model saved and reloaded (stock ``from_pretrained`` or
-``load_pruned``, as the folder says) with its logits compared; uniform widths exported to GGUF (f32) and run
-by llama.cpp, logits compared.
+each: the default ``bip`` at 20%, the same for llama.cpp (``--target llamacpp``: the same scores and refit,
+per-layer widths where its ``deci`` graph serves the family, else one width) and the uniform allocation at 50%
+(no compensation, no refit), on 16 random windows of 128 tokens; the pruned model saved and reloaded (stock
+``from_pretrained`` or ``load_pruned``, as the folder says) with its logits compared; what llama.cpp serves
+exported to GGUF (f32) and run by llama.cpp, logits compared. What the served allocation costs: each pruned
+model's KL to the dense one and its top-1 agreement with it, on 4 other random windows (random weights: a
+measure of how far each allocation moves the model, not of language quality).
 Writes bench/results/family_shapes.{json,md}. The models are built with the tests' builder (llm_bip.testing):
 
     python bench/family_shapes.py
@@ -46,10 +49,10 @@ SHAPES = {
     "OLMo-2-1B": ("olmo2", dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
                                 intermediate_size=8192)),
 }
-# the default; then uniform widths, for llama.cpp's one-width layouts, with no bias added (SmolLM3's graph
-# has no place for one) and none of the refit's large solves
+# the default; the default for llama.cpp; then uniform widths with no bias added (SmolLM3's graph has no place
+# for one) and no refit
 PLAIN = dict(allocation="uniform", compensate=False, reconstruct=False)
-RUNS = {"bip 20%": PruneConfig(ratio=0.2), "uniform 20%": PruneConfig(ratio=0.2, **PLAIN),
+RUNS = {"bip 20%": PruneConfig(ratio=0.2), "llamacpp 20%": PruneConfig(ratio=0.2, target="llamacpp"),
         "uniform 50%": PruneConfig(ratio=0.5, **PLAIN)}
 
 
@@ -68,6 +71,9 @@ def run(name: str, label: str, config: PruneConfig, folder: Path) -> dict:
     model = model_of(architecture, sizes)
     calib = torch.randint(0, VOCAB, (16, 128), generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(1))
+    held_out = torch.randint(0, VOCAB, (4, 128), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = model(held_out).logits
     start = time.perf_counter()
     _, result = prune(model, None, config, calib=calib)
     seconds = time.perf_counter() - start
@@ -76,15 +82,38 @@ def run(name: str, label: str, config: PruneConfig, folder: Path) -> dict:
     with torch.no_grad():
         logits = model(ids).logits
         reload_diff = float((reloaded(ids).logits - logits).abs().max())
+        pruned = model(held_out).logits
     row = {"model": name, "run": label, "widths": sorted({str(w) for w in result.widths_after}),
            "ratio": round(result.block_ratio, 4), "per_layer_config": model.config.is_heterogeneous,
-           "prune_s": round(seconds, 1), "reload_max_diff": reload_diff}
-    if len(set(result.widths_after)) == 1:  # llama.cpp's one-width layouts; deci is tested with Llama-shaped blocks
+           "prune_s": round(seconds, 1), "reload_max_diff": reload_diff, **distance(dense, pruned)}
+    if config.target == "llamacpp" or len(set(result.widths_after)) == 1:
         try:
             row.update(llama_cpp_agreement(model, logits, ids, folder))
         except PruneError as err:
             row["export_refused"] = str(err)
     return row
+
+
+def distance(dense: torch.Tensor, pruned: torch.Tensor) -> dict:
+    """Mean per-token KL(dense || pruned) of the next-token distributions, and top-1 agreement."""
+    kl = torch.nn.functional.kl_div(pruned.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="none")
+    return {"kl_to_dense": float(kl.sum(-1).mean()), "top1_vs_dense": float((pruned.argmax(-1) == dense.argmax(-1))
+                                                                            .float().mean())}
+
+
+def served_cost(rows: list[dict]) -> list[dict]:
+    """Per model, the llama.cpp result's KL to the dense model over the default's (1: no cost)."""
+    out = []
+    for row in rows:
+        if row["run"] == "llamacpp 20%":
+            default = next(r for r in rows if r["model"] == row["model"] and r["run"] == "bip 20%")
+            out.append({"model": row["model"], "served_widths": "per-layer" if row["per_layer_config"] else "uniform",
+                        "ratio_default": default["ratio"], "ratio_served": row["ratio"],
+                        "kl_default": default["kl_to_dense"], "kl_served": row["kl_to_dense"],
+                        "kl_served_over_default": row["kl_to_dense"] / default["kl_to_dense"],
+                        "top1_default": default["top1_vs_dense"], "top1_served": row["top1_vs_dense"],
+                        "llama_cpp_top1": row.get("llama_cpp_top1")})
+    return out
 
 
 def llama_cpp_agreement(model, logits: torch.Tensor, ids: torch.Tensor, folder: Path) -> dict:
@@ -103,9 +132,11 @@ def main() -> None:
             for label, config in RUNS.items():
                 rows.append(run(name, label, config, Path(tmp)))
                 print(rows[-1], flush=True)
-    columns = ["model", "run", "ratio", "per_layer_config", "reload_max_diff", "llama_cpp_max_rel_diff",
-               "llama_cpp_top1", "export_refused", "prune_s"]
+    columns = ["model", "run", "ratio", "per_layer_config", "reload_max_diff", "kl_to_dense", "top1_vs_dense",
+               "llama_cpp_max_rel_diff", "llama_cpp_top1", "export_refused", "prune_s"]
     print(write_rows("family_shapes", rows, columns))
+    cost = served_cost(rows)
+    print(write_rows("family_served_cost", cost, list(cost[0])))
 
 
 if __name__ == "__main__":

@@ -151,27 +151,45 @@ def forward_flops(s: Shape, samples: int, seqlen: int) -> float:
 
 
 def gram_flops(s: Shape, samples: int, seqlen: int) -> float:
-    """The reconstruction pass's Grams of o_proj's and down_proj's inputs (with the ones column)."""
-    return 2 * samples * seqlen * ((s.attn_width + 1) ** 2 + (s.intermediate + 1) ** 2)
+    """The reconstruction pass's Grams of o_proj's and down_proj's inputs (with the ones column); none for a
+    projection with more columns than tokens, whose rows are kept instead (calibration.ProjectionInputs)."""
+    tokens = samples * seqlen
+    return sum(2 * tokens * (w + 1) ** 2 for w in (s.attn_width, s.intermediate) if tokens >= w + 1)
 
 
-def solve_flops(s: Shape, keep: float) -> float:
-    """refit_projection for o_proj and down_proj with k = keep x width columns (+ the bias): G[K, :] W^T,
-    the Cholesky factor, the solve, and the two error comparisons."""
+def solve_flops(s: Shape, keep: float, tokens: int) -> float:
+    """refit_projection for o_proj and down_proj with k = keep x width columns (+ the bias). From the Gram:
+    G[K, :] W^T, the Cholesky factor, the solve and the two error comparisons; from the rows, where there are
+    fewer tokens than k: the targets X W^T, X_K X_K^T, its factor and solve, the refit and the cut's error."""
     total = 0.0
     for width in (s.attn_width, s.intermediate):
         k = round(keep * width) + 1
-        total += 2 * k * (width + 1) * s.hidden + k ** 3 / 3 + 6 * k * k * s.hidden
+        if tokens < k:
+            total += 2 * tokens * (width + 1) * s.hidden + 2 * tokens ** 2 * k + tokens ** 3 / 3 + (
+                2 * tokens ** 2 * s.hidden + 4 * tokens * k * s.hidden)
+        else:
+            total += 2 * k * (width + 1) * s.hidden + k ** 3 / 3 + 6 * k * k * s.hidden
     return total
+
+
+def refit_bytes(s: Shape, tokens: int, keep: float) -> float:
+    """The refit's inputs for both projections (float32 rows below width + 1 tokens, else float64 Grams) and
+    the larger of the two solves' float64 working sets (the rows' copies and kernel, or the Gram's gathers)."""
+    held, solving = 0.0, 0.0
+    for width in (s.attn_width, s.intermediate):
+        k = round(keep * width) + 1
+        held += 4 * tokens * (width + 1) if tokens < width + 1 else 8 * (width + 1) ** 2
+        solving = max(solving, 8 * tokens * (width + 1 + k + s.hidden + tokens) if tokens < k else 8 * 4 * k * k)
+    return held + solving
 
 
 def working_bytes(s: Shape, samples: int, seqlen: int, itemsize: int, keep: float) -> float:
     """What an offloaded run holds beyond the process itself: the input embedding (block 0's inputs), or one
-    block, its refit's float64 Grams and factors, and its calibration inputs and outputs, the larger."""
-    refit = 8 * ((s.attn_width + 1) ** 2 + (s.intermediate + 1) ** 2 * (1 + 4 * keep ** 2))
+    block, its refit's inputs and working set, and its calibration inputs and outputs, the larger."""
     activations = itemsize * samples * seqlen * s.hidden * 2 + 4 * min(samples, DEFAULTS.batch_size) * seqlen * (
         3 * s.intermediate)
-    return max(s.vocab * s.hidden * itemsize, s.block_params() * itemsize + refit + activations)
+    return max(s.vocab * s.hidden * itemsize,
+               s.block_params() * itemsize + refit_bytes(s, samples * seqlen, keep) + activations)
 
 
 # --- one block, timed here ---------------------------------------------------------------------------------
@@ -209,24 +227,25 @@ def measure_block(s: Shape, args: argparse.Namespace, solve: bool = True) -> dic
            "forward_gflop": round(forward_flops(s, args.samples, args.calib_seqlen) / 1e9, 2)}
     if solve:
         out["refit_solve_s"] = round(refit_seconds(stack, view, inputs, 1 - args.ratio), 3)
-        out["solve_gflop"] = round(solve_flops(s, 1 - args.ratio) / 1e9, 2)
+        out["solve_gflop"] = round(solve_flops(s, 1 - args.ratio, args.samples * args.calib_seqlen) / 1e9, 2)
     return out
 
 
 @torch.no_grad()
 def refit_seconds(stack: Stack, view, inputs, keep: float) -> float:
-    """refit_projection of o_proj and down_proj cut to their first ``keep`` columns, on the block's Grams over
-    ``inputs``, with the zero output biases the default run adds: seconds for the two, Grams excluded."""
+    """refit_projection of o_proj and down_proj cut to their first ``keep`` columns, on the block's inputs over
+    ``inputs`` (Grams or rows, as the run keeps them), with the zero output biases the default run adds: seconds
+    for the two, the collection excluded."""
     stack.adapter.add_output_biases(view)
     grams, _ = collect_block_grams(view, inputs)
     total = 0.0
-    for linear, gram in ((view.o, grams.attn), (view.down, grams.ffn)):
+    for linear, held in ((view.o, grams.attn), (view.down, grams.ffn)):
         cols = torch.arange(round(keep * linear.in_features))
         cut = nn.Linear(cols.numel(), linear.out_features, dtype=linear.weight.dtype)
         cut.weight.copy_(linear.weight[:, cols])
         cut.bias.copy_(linear.bias)
         start = time.perf_counter()
-        refit_projection(cut, Projection.of(linear), cols, gram)
+        refit_projection(cut, Projection.of(linear), cols, held)
         total += time.perf_counter() - start
     return total
 
@@ -394,7 +413,7 @@ def cpu_estimate(rows: list[dict], name: str, samples: int, seqlen: int, fits: d
     """Shape ``name`` pruned offloaded on this CPU: time from the offloaded fit, peak from the memory fit."""
     s, rates, keep, itemsize = ALL_SHAPES[name], fits["rates"], 1 - fits["ratio"], DTYPES[fits["dtype"]].itemsize
     fwd, basis = forward_seconds(rows, name, samples, seqlen, rates)
-    solve = solve_flops(s, keep) / (rates["solve_gflop_s"] * 1e9)
+    solve = solve_flops(s, keep, samples * seqlen) / (rates["solve_gflop_s"] * 1e9)
     per_block = fits["time"]["c_forward"] * fwd + solve
     out = {"where": f"this CPU, offloaded, {fits['threads']} thread(s) (fit)", "per_block_s": round(per_block, 1),
            "total_h": round(s.layers * per_block / 3600, 2), "total_min": round(s.layers * per_block / 60, 1),
@@ -414,7 +433,7 @@ def gpu_estimate(name: str, samples: int, seqlen: int, ratio: float, gpus: int) 
     peak_gb: one GPU's memory (its share of the model, or one block offloaded, plus the working set)."""
     s, a, keep = ALL_SHAPES[name], GPU_ASSUMED, 1 - ratio
     passes = 2 * forward_flops(s, samples, seqlen) / a["bf16"] + gram_flops(s, samples, seqlen) / a["fp32"]
-    solve = solve_flops(s, keep) / a["fp64"]
+    solve = solve_flops(s, keep, samples * seqlen) / a["fp64"]
     model_bytes, work = s.parameters() * 2, working_bytes(s, samples, seqlen, 2, keep)
     fits = model_bytes / gpus + work <= a["memory_bytes"]
     io = model_bytes / a["disk_bytes_s"]

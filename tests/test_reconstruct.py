@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm_bip import PruneConfig, load_pruned, prune, save_model
+from llm_bip import PruneConfig, load_pruned, prune, save_model, surgery
 from llm_bip.adapters import adapter_for
+from llm_bip.calibration import ProjectionInputs
 from llm_bip.surgery import RIDGE, Projection, compensate_bias, kept_columns, prune_block, refit_projection
 from llm_bip.testing import random_ids, tiny_model
 
@@ -28,16 +29,36 @@ def cut_linear(dense: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return cut
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_refit_is_the_damped_least_squares_solution(bias):
+def inputs_of(x: torch.Tensor, batch: int = 3) -> ProjectionInputs:
+    """``x``'s rows given to a ProjectionInputs ``batch`` at a time, as the calibration hooks give them."""
+    inputs = ProjectionInputs()
+    for part in x.split(batch):
+        inputs.add(part)
+    return inputs
+
+
+def test_inputs_keep_their_rows_while_fewer_than_columns_then_their_gram():
     torch.manual_seed(0)
-    tokens, n, d = 200, 12, 5
+    x = torch.randn(9, 6, dtype=torch.float64)
+    few, many = inputs_of(x[:5]), inputs_of(x)
+    assert torch.equal(few.rows, x[:5]) and few.gram_sum is None
+    assert many.rows is None and torch.allclose(many.gram(), x.T @ x, atol=1e-12)
+    assert torch.allclose(few.gram(), x[:5].T @ x[:5], atol=1e-12)
+
+
+# 200 tokens: the refit from the Gram; 10: from the Gram of the rows kept (fewer than columns, not than kept
+# ones); 5: from the rows themselves (fewer than the kept columns)
+@pytest.mark.parametrize("tokens", [200, 10, 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_is_the_damped_least_squares_solution(bias, tokens):
+    torch.manual_seed(0)
+    n, d = 12, 5
     x = torch.randn(tokens, n, dtype=torch.float64) + torch.linspace(-1, 1, n, dtype=torch.float64)
     dense = nn.Linear(n, d, bias=bias).double()
     keep = torch.tensor([0, 2, 3, 5, 8, 9, 11])
     x_aug = torch.cat([x, torch.ones(tokens, 1, dtype=torch.float64)], 1) if bias else x
     cut = cut_linear(dense, keep)
-    refit_projection(cut, Projection.of(dense), keep, x_aug.T @ x_aug)
+    refit_projection(cut, Projection.of(dense), keep, inputs_of(x_aug))
 
     # independent: min ||x~_K B^T - y||^2 + lambda ||B||^2 as one stacked least-squares problem
     cols = torch.cat([keep, torch.tensor([n])]) if bias else keep
@@ -51,15 +72,16 @@ def test_refit_is_the_damped_least_squares_solution(bias):
         assert torch.allclose(cut.bias, solution[:, -1], atol=1e-10)
 
 
-def test_refit_that_would_be_worse_keeps_the_cut():
+@pytest.mark.parametrize("tokens", [100, 4])  # from the Gram; from the rows
+def test_refit_that_would_be_worse_keeps_the_cut(tokens):
     """Removed inputs that are always zero: the plain cut is exact, the damped refit is not, so the cut stays."""
     torch.manual_seed(1)
-    x = torch.randn(100, 8, dtype=torch.float64)
+    x = torch.randn(tokens, 8, dtype=torch.float64)
     x[:, [1, 4]] = 0
     dense = nn.Linear(8, 3, bias=False).double()
     keep = torch.tensor([0, 2, 3, 5, 6, 7])
     cut = cut_linear(dense, keep)
-    refit_projection(cut, Projection.of(dense), keep, x.T @ x)
+    refit_projection(cut, Projection.of(dense), keep, inputs_of(x))
     assert torch.equal(cut.weight, dense.weight[:, keep])
 
 
@@ -227,3 +249,25 @@ def test_sequential_reconstruction_refits_each_block_before_the_next_is_scored()
     assert not torch.equal(plain.self_attn.o_proj.weight, refit.self_attn.o_proj.weight)
     assert not torch.equal(plain.mlp.down_proj.weight, refit.mlp.down_proj.weight)
     assert results[0].record.scores[1].channels.tolist() != results[1].record.scores[1].channels.tolist()
+
+
+def test_small_calibration_refits_from_rows_as_from_the_gram(monkeypatch):
+    """16 calibration tokens, fewer than o_proj's and down_proj's kept columns: the engine refits from the rows
+    (the tokens-sized solve), and the model is the one the Gram's solve gives."""
+    ids = random_ids(1, 16)
+    config = PruneConfig(ratio=0.4, reconstruct=True, compensate=False, allocation="uniform")
+    calls, from_rows = [], surgery._refit_from_rows
+    monkeypatch.setattr(surgery, "_refit_from_rows", lambda *args: calls.append(args) or from_rows(*args))
+    rows_model = tiny_model("llama-gqa", scale=5.0)
+    prune(rows_model, None, config, calib=ids)
+    assert len(calls) == 2 * len(rows_model.model.layers)
+
+    def gram_only(self, x):
+        self.gram_sum = x.T.double() @ x.double() + (0 if self.gram_sum is None else self.gram_sum)
+
+    monkeypatch.setattr(ProjectionInputs, "add", gram_only)
+    gram_model = tiny_model("llama-gqa", scale=5.0)
+    prune(gram_model, None, config, calib=ids)
+    probe = random_ids(2, 16, seed=9)
+    with torch.no_grad():
+        assert torch.allclose(rows_model(probe).logits, gram_model(probe).logits, atol=1e-5)

@@ -2,8 +2,9 @@
 
 Peak activation memory is one block's inputs and outputs over the calibration batch. Statistics
 are accumulated in float64 whatever the model dtype, and are metric-agnostic: every scoring
-metric reads what it needs from :class:`BlockStats`. Reconstruction reads the Grams of o_proj's
-and down_proj's inputs (:class:`BlockGrams`), from the same forward when both are needed.
+metric reads what it needs from :class:`BlockStats`. Reconstruction reads o_proj's and down_proj's
+inputs (:class:`BlockGrams`: the rows themselves while there are fewer than columns, else their Grams),
+from the same forward when both are needed.
 """
 
 from __future__ import annotations
@@ -202,14 +203,54 @@ def _head_gram(view: BlockView) -> torch.Tensor:
     return heads.transpose(1, 2) @ heads
 
 
+class ProjectionInputs:
+    """A projection's calibration inputs x~ (x~ = [x, 1] where it has a bias, else x) as the refit reads them:
+    the rows themselves, float32, while there are fewer than columns; past that their Gram sum x~^T x~,
+    float64, which takes columns^2 numbers however many tokens come (so the rows never take more than half
+    of it). Few tokens are the small calibrations of large models, where the rows make the refit's solve
+    tokens^2 x columns instead of columns^3 (surgery.refit_projection)."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.gram_sum: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Take one batch of rows x~ [tokens, columns] (float32)."""
+        if self.gram_sum is None:
+            x = x if self.rows is None else torch.cat([self.rows, x])
+            if len(x) < x.shape[1]:
+                self.rows = x
+                return
+            self.rows = None
+        batch = x.T @ x  # float32, added into the float64 sum (see _gram_hooks)
+        if self.gram_sum is None:
+            self.gram_sum = batch.double()
+        else:
+            self.gram_sum.add_(batch)
+
+    def gram(self) -> torch.Tensor:
+        """x~^T x~ in float64 (formed from the rows where those are kept)."""
+        if self.gram_sum is not None:
+            return self.gram_sum
+        rows = self.held().double()
+        return rows.T @ rows
+
+    def held(self) -> torch.Tensor:
+        """What is kept: the rows or the Gram."""
+        held = self.gram_sum if self.gram_sum is not None else self.rows
+        if held is None:
+            raise ValueError("no calibration inputs were taken")
+        return held
+
+
 @dataclass
 class BlockGrams:
-    """Sums over the calibration tokens of x~ x~^T, float64, for the inputs x of o_proj (``attn``) and of
-    down_proj (``ffn``); x~ = [x, 1] for a projection that has a bias, else x (so the last row and column
-    of a Gram with the ones column hold the input sums and the token count)."""
+    """The calibration inputs of o_proj (``attn``) and of down_proj (``ffn``), as :class:`ProjectionInputs`;
+    with the ones column for a projection that has a bias (so the last column of its Gram holds the input
+    sums and the token count)."""
 
-    attn: torch.Tensor | None = None
-    ffn: torch.Tensor | None = None
+    attn: ProjectionInputs = field(default_factory=ProjectionInputs)
+    ffn: ProjectionInputs = field(default_factory=ProjectionInputs)
 
 
 @contextmanager
@@ -265,27 +306,20 @@ def _scaled_sumsq(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_hooks(view: BlockView, grams: BlockGrams | None):
-    """Hooks that add each batch's input Grams of o_proj and down_proj into ``grams`` (none when None).
+    """Hooks that add each batch's inputs of o_proj and down_proj into ``grams`` (none when None).
 
     A batch's Gram is a float32 matmul, added into the float64 sum: a float64 matmul per batch is
     many times slower on CPUs, and float32 rounding within one batch is far below what the refit's
     damping changes."""
 
-    def on(name: str):
+    def on(inputs: ProjectionInputs):
         def hook(linear: nn.Linear, args):
             x = args[0].detach().float()
             x = x.reshape(-1, x.shape[-1])
-            if linear.bias is not None:
-                x = F.pad(x, (0, 1), value=1.0)
-            batch = x.T @ x
-            total = getattr(grams, name)
-            if total is None:
-                setattr(grams, name, batch.double())
-            else:
-                total.add_(batch)
+            inputs.add(F.pad(x, (0, 1), value=1.0) if linear.bias is not None else x)
         return hook
 
-    return _hooks(pre=[] if grams is None else [(view.o, on("attn")), (view.down, on("ffn"))])
+    return _hooks(pre=[] if grams is None else [(view.o, on(grams.attn)), (view.down, on(grams.ffn))])
 
 
 @torch.no_grad()
@@ -307,7 +341,7 @@ def collect_block_grams(view: BlockView, inputs: BlockInputs) -> tuple[BlockGram
     grams = BlockGrams()
     with _gram_hooks(view, grams):
         outputs = forward_block(view, inputs)
-    _check_finite(view, grams.attn, grams.ffn)
+    _check_finite(view, grams.attn.held(), grams.ffn.held())
     return grams, outputs
 
 

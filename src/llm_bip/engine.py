@@ -11,7 +11,7 @@
   the blocks cut before it (and refit from the Grams of the same forward).
 
 A pass reads a frozen :class:`PrunePlan`. Given a ProgressStore (offloaded runs) it continues after its
-last completed block; in memory nothing is kept. One block's Grams are in memory at a time.
+last completed block; in memory nothing is kept. One block's Grams (or input rows) are in memory at a time.
 """
 
 from __future__ import annotations
@@ -132,8 +132,10 @@ def cut_and_refit(stack: Stack, record: ScoreRecord, alloc: AllocationOptions, p
     down_proj inputs, and its outputs, the next block's inputs. Then it is cut to its plan (with bias
     compensation as planned) and its o_proj and down_proj are refit. Returns the plans.
 
-    Costs one forward pass over the calibration data, the Grams' matmuls and two small solves per block;
-    holds one block, its inputs and outputs and its two Grams (float64, (width + 1)^2 each) at a time.
+    Costs one forward pass over the calibration data, the Grams' matmuls and two solves per block (columns^3,
+    or tokens^2 x columns where there are fewer tokens than columns); holds one block, its inputs and outputs
+    and its two projections' inputs (the rows, float32, with fewer tokens than columns, else Grams, float64,
+    (width + 1)^2 each) at a time.
     Offloaded, it keeps its progress like the scoring pass and resumes after the last block it wrote."""
     plans = _plans(stack, record, alloc)
     means = record.means if plan.compensate else None

@@ -50,7 +50,7 @@ def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gq
     kv_heads = prior.kv_heads if len(heads) == width.num_kv_heads else None
     unit_prior = prior.heads.double()[heads].sum(1) + (kv_heads.double() if kv_heads is not None else 0)
     columns = (heads[:, :, None] * hd + torch.arange(hd)).flatten(1)
-    order, _ = greedy_removal(augmented(view.o.weight, view.o.bias), grams.attn, columns, unit_prior)
+    order, _ = greedy_removal(augmented(view.o.weight, view.o.bias), grams.attn.gram(), columns, unit_prior)
     source = torch.empty(len(heads), dtype=torch.long)
     source[torch.tensor(order)] = torch.argsort(unit_prior, stable=True)  # whose values each unit takes
     attn_channels = None
@@ -61,7 +61,8 @@ def refit_aware_scores(view: BlockView, grams: BlockGrams, prior: UnitScores, gq
                        prior.kv_heads if kv_heads is None else kv_heads[source], attn_channels)
     moved.heads[heads] = prior.heads[heads[source]]
     channels = torch.arange(width.intermediate_size)[:, None]
-    order, _ = greedy_removal(augmented(view.down.weight, view.down.bias), grams.ffn, channels, prior.channels.double())
+    down = augmented(view.down.weight, view.down.bias)
+    order, _ = greedy_removal(down, grams.ffn.gram(), channels, prior.channels.double())
     moved.channels[torch.tensor(order)] = prior.channels.double().sort().values
     return moved
 

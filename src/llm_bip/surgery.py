@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import BlockView, ModelAdapter, Rows, Widths
-from .calibration import BlockGrams
+from .calibration import BlockGrams, ProjectionInputs
 from .units import LayerPlan
 
 # damping of the reconstruction's least squares: lambda = RIDGE * mean diagonal of G[K, K]
@@ -99,25 +99,41 @@ def reconstruct(view: BlockView, plan: LayerPlan, dense: tuple[Projection, Proje
 
 
 @torch.no_grad()
-def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, gram: torch.Tensor) -> None:
+def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, inputs: ProjectionInputs) -> None:
     """Refit a cut projection's weight (its kept input columns ``keep`` of the dense one) and bias, where it
     has one, by damped least squares, so that its output matches the ``dense`` projection's on the
-    calibration inputs x, whose Gram ``gram`` = sum x~ x~^T is of x~ = [x, 1] with a bias, else of x.
+    calibration ``inputs`` x~ (= [x, 1] with a bias, else x), whose Gram is G = sum x~ x~^T.
 
     With W~ = [W, b0] (the dense weight and bias; llama's added zero biases where there were none) and K
     the kept columns plus the ones column: [W_K, b] = W~ G[:, K] (G[K, K] + lambda I)^-1, with
-    lambda = RIDGE * mean(diag G[K, K]), in float64. The refit replaces the cut as it stands (plain, or
+    lambda = RIDGE * mean(diag G[K, K]), in float64; from the rows themselves where there are fewer tokens
+    than kept columns (``_refit_from_rows``). The refit replaces the cut as it stands (plain, or
     bias-compensated) only where its calibration squared error is not larger, so reconstruction never
-    increases it; the cut also stays where the damped Gram is not positive definite (all kept inputs
+    increases it; the cut also stays where the damped matrix is not positive definite (all kept inputs
     zero, no bias), and a projection that lost no column is left as it is."""
     if keep.numel() == dense.weight.shape[1]:
         return  # nothing cut: the projection is exact
-    device = gram.device
+    held = inputs.held()
     ones = linear.bias is not None
-    cols = keep.to(device)
+    cols = keep.to(held.device)
     if ones:
-        cols = torch.cat([cols, cols.new_tensor([gram.shape[0] - 1])])
-    target = augmented(dense.weight, dense.bias).to(device)
+        cols = torch.cat([cols, cols.new_tensor([held.shape[-1] - 1])])
+    target = augmented(dense.weight, dense.bias).to(held.device)
+    cut = augmented(linear.weight, linear.bias).to(held.device)
+    if inputs.rows is not None and len(inputs.rows) < len(cols):
+        refit = _refit_from_rows(inputs.rows, cols, target, cut)
+    else:
+        refit = _refit_from_gram(inputs.gram(), cols, target, cut)
+    if refit is None:
+        return
+    linear.weight.copy_(refit[:, :keep.numel()])
+    if ones:
+        linear.bias.copy_(refit[:, -1])
+
+
+def _refit_from_gram(gram: torch.Tensor, cols: torch.Tensor, target: torch.Tensor,
+                     cut: torch.Tensor) -> torch.Tensor | None:
+    """The refit [W_K, b] from the Gram (a columns^3 solve), or None where it is not better than ``cut``."""
     rows = gram[cols]  # G[K, :]
     cross = rows @ target.T  # G[K, :] W~^T
     damped = rows[:, cols]
@@ -125,14 +141,30 @@ def refit_projection(linear: nn.Linear, dense: Projection, keep: torch.Tensor, g
     ridge = add_ridge(damped)
     factor, info = torch.linalg.cholesky_ex(damped)
     if info:
-        return
+        return None
     refit = torch.cholesky_solve(cross, factor).T
-    cut = augmented(linear.weight, linear.bias).to(device)
-    if _error_change(refit, damped, ridge, cross) > _error_change(cut, damped, ridge, cross):
-        return
-    linear.weight.copy_(refit[:, :keep.numel()])
-    if ones:
-        linear.bias.copy_(refit[:, -1])
+    better = _error_change(refit, damped, ridge, cross) <= _error_change(cut, damped, ridge, cross)
+    return refit if better else None
+
+
+def _refit_from_rows(rows: torch.Tensor, cols: torch.Tensor, target: torch.Tensor,
+                     cut: torch.Tensor) -> torch.Tensor | None:
+    """The same refit from the inputs' rows X = x~ themselves (a tokens^2 x columns solve), or None where it is
+    not better than ``cut``. With Y = X W~^T, the push-through identity gives the same weights as
+    [W_K, b] = Y^T (X_K X_K^T + lambda I)^-1 X_K, and the refit's residual X_K [W_K, b]^T - Y is -lambda Z with
+    Z = (X_K X_K^T + lambda I)^-1 Y, so its squared error is lambda^2 ||Z||^2."""
+    x = rows.double()
+    y = x @ target.T
+    xk = x[:, cols]
+    del x
+    kernel = xk @ xk.T
+    ridge = add_ridge(kernel, len(cols))
+    factor, info = torch.linalg.cholesky_ex(kernel)
+    if info:
+        return None
+    z = torch.cholesky_solve(y, factor)
+    better = ridge ** 2 * z.pow(2).sum() <= (xk @ cut.T - y).pow(2).sum()
+    return z.T @ xk if better else None
 
 
 def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -141,11 +173,13 @@ def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return weight if bias is None else torch.cat([weight, bias.to(weight)[:, None]], dim=1)
 
 
-def add_ridge(gram: torch.Tensor) -> torch.Tensor:
-    """Damp the square ``gram`` in place, G + lambda I with lambda = RIDGE * mean diag G (no identity matrix is
-    made: at 28,672 columns one is 6.6 GB in float64); returns lambda."""
-    ridge = RIDGE * gram.diagonal().mean()
-    gram.diagonal().add_(ridge)
+def add_ridge(matrix: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """Damp the square ``matrix`` in place, + lambda I with lambda = RIDGE * its trace / ``columns`` (by default
+    its size: RIDGE * mean diag of the Gram G[K, K]; the rows' X_K X_K^T has the same trace over another size).
+    No identity matrix is made: at 28,672 columns one is 6.6 GB in float64. Returns lambda."""
+    diagonal = matrix.diagonal()
+    ridge = RIDGE * (diagonal.mean() if columns is None else diagonal.sum() / columns)
+    matrix.diagonal().add_(ridge)
     return ridge
 
 
