@@ -91,7 +91,8 @@ EXTRAPOLATED = {
 }
 ALL_SHAPES = {**SHAPES, **EXTRAPOLATED}
 MODES = ("offload", "in_memory")
-BLOCK_FIELDS = ("block_forward_s", "forward_gflop", "refit_solve_s", "solve_gflop")  # measure_block's
+BLOCK_FIELDS = ("block_forward_s", "forward_gflop", "refit_solve_s", "solve_gflop", "gram_solve_s",
+                "gram_solve_gflop")  # measure_block's
 PRUNE_PHASES = ("scoring", "reconstruction", "surgery", "scoring_and_surgery")  # the per-block passes
 IN_MEMORY_RATIO = 2.0  # in-memory peak RSS / checkpoint before any is measured here (offload_llama1b.md: 1.91)
 TIMING_VOCAB = 256  # the timed one-block model's vocabulary (the embedding does not enter the block's time)
@@ -157,10 +158,11 @@ def gram_flops(s: Shape, samples: int, seqlen: int) -> float:
     return sum(2 * tokens * (w + 1) ** 2 for w in (s.attn_width, s.intermediate) if tokens >= w + 1)
 
 
-def solve_flops(s: Shape, keep: float, tokens: int) -> float:
+def solve_flops(s: Shape, keep: float, tokens: float) -> float:
     """refit_projection for o_proj and down_proj with k = keep x width columns (+ the bias). From the Gram:
     G[K, :] W^T, the Cholesky factor, the solve and the two error comparisons; from the rows, where there are
-    fewer tokens than k: the targets X W^T, X_K X_K^T, its factor and solve, the refit and the cut's error."""
+    fewer tokens than k: the targets X W^T, X_K X_K^T, its factor and solve, the refit and the cut's error
+    (``tokens`` = inf: from the Gram)."""
     total = 0.0
     for width in (s.attn_width, s.intermediate):
         k = round(keep * width) + 1
@@ -226,28 +228,34 @@ def measure_block(s: Shape, args: argparse.Namespace, solve: bool = True) -> dic
     out = {"block_forward_s": round(seconds(lambda: forward_block(view, inputs), args.repeats), 3),
            "forward_gflop": round(forward_flops(s, args.samples, args.calib_seqlen) / 1e9, 2)}
     if solve:
-        out["refit_solve_s"] = round(refit_seconds(stack, view, inputs, 1 - args.ratio), 3)
-        out["solve_gflop"] = round(solve_flops(s, 1 - args.ratio, args.samples * args.calib_seqlen) / 1e9, 2)
+        keep = 1 - args.ratio
+        as_run, from_gram = refit_seconds(stack, view, inputs, keep)
+        out.update(refit_solve_s=round(as_run, 3), gram_solve_s=round(from_gram, 3),
+                   solve_gflop=round(solve_flops(s, keep, args.samples * args.calib_seqlen) / 1e9, 2),
+                   gram_solve_gflop=round(solve_flops(s, keep, math.inf) / 1e9, 2))
     return out
 
 
 @torch.no_grad()
-def refit_seconds(stack: Stack, view, inputs, keep: float) -> float:
+def refit_seconds(stack: Stack, view, inputs, keep: float) -> tuple[float, float]:
     """refit_projection of o_proj and down_proj cut to their first ``keep`` columns, on the block's inputs over
-    ``inputs`` (Grams or rows, as the run keeps them), with the zero output biases the default run adds: seconds
-    for the two, the collection excluded."""
+    ``inputs``, with the zero output biases the default run adds: seconds for the two, the collection excluded;
+    as the run keeps the inputs (rows below width + 1 tokens), and from their Grams (as more tokens would)."""
     stack.adapter.add_output_biases(view)
     grams, _ = collect_block_grams(view, inputs)
-    total = 0.0
+    times = [0.0, 0.0]
     for linear, held in ((view.o, grams.attn), (view.down, grams.ffn)):
         cols = torch.arange(round(keep * linear.in_features))
-        cut = nn.Linear(cols.numel(), linear.out_features, dtype=linear.weight.dtype)
-        cut.weight.copy_(linear.weight[:, cols])
-        cut.bias.copy_(linear.bias)
-        start = time.perf_counter()
-        refit_projection(cut, Projection.of(linear), cols, held)
-        total += time.perf_counter() - start
-    return total
+        for form in range(2):
+            if form:
+                held.gram_sum, held.rows = held.gram(), None
+            cut = nn.Linear(cols.numel(), linear.out_features, dtype=linear.weight.dtype)
+            cut.weight.copy_(linear.weight[:, cols])
+            cut.bias.copy_(linear.bias)
+            start = time.perf_counter()
+            refit_projection(cut, Projection.of(linear), cols, held)
+            times[form] += time.perf_counter() - start
+    return times[0], times[1]
 
 
 # --- the prune runs --------------------------------------------------------------------------------------
@@ -378,13 +386,17 @@ def time_fit(rows: list[dict], mode: str) -> dict | None:
 
 
 def cpu_rates(rows: list[dict]) -> dict:
-    """This CPU's effective FLOP/s: block forwards (float32 or --dtype) and refit solves (float64), over the
-    shapes timed here (sums, so the larger shapes weigh most)."""
+    """This CPU's effective FLOP/s: block forwards (float32 or --dtype) and refit solves (float64) as the runs
+    solved them and from the Grams, over the shapes timed here (sums, so the larger shapes weigh most)."""
     timed = {r["shape"]: r for r in rows if r.get("block_forward_s")}.values()
-    solved = [r for r in timed if r.get("refit_solve_s")]
-    fwd = sum(r["forward_gflop"] for r in timed) / max(sum(r["block_forward_s"] for r in timed), 1e-9)
-    solve = sum(r["solve_gflop"] for r in solved) / max(sum(r["refit_solve_s"] for r in solved), 1e-9)
-    return {"forward_gflop_s": round(fwd, 1), "solve_gflop_s": round(solve, 1)}
+    solved = [r for r in timed if r.get("gram_solve_s")]
+
+    def rate(flops: str, secs: str, among) -> float:
+        return round(sum(r[flops] for r in among) / max(sum(r[secs] for r in among), 1e-9), 1)
+
+    return {"forward_gflop_s": rate("forward_gflop", "block_forward_s", timed),
+            "solve_gflop_s": rate("solve_gflop", "refit_solve_s", solved),
+            "gram_solve_gflop_s": rate("gram_solve_gflop", "gram_solve_s", solved)}
 
 
 def memory_fit(rows: list[dict], keep: float) -> dict | None:
@@ -413,12 +425,15 @@ def cpu_estimate(rows: list[dict], name: str, samples: int, seqlen: int, fits: d
     """Shape ``name`` pruned offloaded on this CPU: time from the offloaded fit, peak from the memory fit."""
     s, rates, keep, itemsize = ALL_SHAPES[name], fits["rates"], 1 - fits["ratio"], DTYPES[fits["dtype"]].itemsize
     fwd, basis = forward_seconds(rows, name, samples, seqlen, rates)
-    solve = solve_flops(s, keep, samples * seqlen) / (rates["solve_gflop_s"] * 1e9)
+    rows_solve = samples * seqlen < round(keep * s.intermediate) + 1  # down_proj's refit from the rows
+    solve_rate = rates["solve_gflop_s"] if rows_solve else rates["gram_solve_gflop_s"]
+    solve = solve_flops(s, keep, samples * seqlen) / (solve_rate * 1e9)
     per_block = fits["time"]["c_forward"] * fwd + solve
     out = {"where": f"this CPU, offloaded, {fits['threads']} thread(s) (fit)", "per_block_s": round(per_block, 1),
            "total_h": round(s.layers * per_block / 3600, 2), "total_min": round(s.layers * per_block / 60, 1),
            "solve_share": round(solve / per_block, 2),
-           "basis": f"{fits['time']['c_forward']} x forward ({basis}) + solve FLOPs / {rates['solve_gflop_s']} GFLOP/s"}
+           "basis": f"{fits['time']['c_forward']} x forward ({basis}) + solve FLOPs / {solve_rate} GFLOP/s "
+                    f"({'rows' if rows_solve else 'Gram'})"}
     if fits["memory"]:
         peak = fits["memory"]["base_mb"] * 2 ** 20 + fits["memory"]["per_working_byte"] * working_bytes(
             s, samples, seqlen, itemsize, keep)
@@ -467,7 +482,8 @@ def extrapolate(rows: list[dict], args: argparse.Namespace) -> tuple[list[dict],
 def notes(rows: list[dict], fits: dict) -> list[str]:
     """The fits, the goals, and the GPU assumptions, as markdown list items."""
     lines = [f"CPU effective rates (timed blocks): forward {fits['rates']['forward_gflop_s']} GFLOP/s, "
-             f"refit solves {fits['rates']['solve_gflop_s']} GFLOP/s (float64)."]
+             f"refit solves {fits['rates']['solve_gflop_s']} GFLOP/s as run (float64), "
+             f"{fits['rates']['gram_solve_gflop_s']} GFLOP/s from the Grams."]
     for mode in MODES:
         fit = time_fit(rows, mode)
         if fit:
