@@ -216,7 +216,7 @@ def test_malformed_maps_are_refused(capsys, model_dir, calib_text_file, work, gi
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--offload"], ["--device-map", "--offload", "not supported", "disk"]),
+    (["--offload"], ["--device-map", "--offload", "one block at a time", "disk"]),
     (["--recover", "2"], ["--recover", "--device-map"]),
     (["--method", "llm-pruner"], ["llm-pruner", "gradients", "--device-map", "offloads"]),
 ])

@@ -154,8 +154,9 @@ def _check_placement(device_map: DeviceMap | None, offload: bool, device: str) -
     if device_map is None:
         return
     if offload:
-        raise PruneError("--device-map and --offload together are not supported yet; map blocks to \"disk\" in "
-                         "--device-map to stream them from the disk to their device, or drop --device-map")
+        raise PruneError("--device-map and --offload are two ways to place the model: --offload holds one block "
+                         "at a time on --device; to stream blocks from the disk to a map's devices, map them to "
+                         "\"disk\" in --device-map")
     if device != "cpu":
         raise PruneError(f"--device {device} and --device-map both place the model; pass one of them")
 
