@@ -101,18 +101,35 @@ def run_prune(model: Path, out: Path, args: argparse.Namespace, offload: bool) -
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(process.pid, 0)
+    status, sampled = _wait_sampling_peak(process.pid)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"prune failed ({'offloaded' if offload else 'in memory'}), exit {status}")
     summary = json.loads((out / "llm_bip_summary.json").read_text())
     phases = summary["phases"]
     per_block = {k: round(phases[k]["wall_s"] / args.layers, 3) for k in ("scoring", "surgery") if k in phases}
-    # the run resets the kernel's high-water mark as each of its phases starts (profiling.PhaseLog), so wait4's
-    # figure is only the peak since the last phase began: the run's peak is the largest of it and the phases'
-    peak = max([usage.ru_maxrss / 1024] + [p["peak_rss_mb"] for p in phases.values()])
+    peak = max([sampled] + [p["peak_rss_mb"] for p in phases.values()])
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak, 1), "s_per_block": per_block,
             "phases": phases, "parameters": summary["parameters"]}
+
+
+def _wait_sampling_peak(pid: int, every_s: float = 0.1) -> tuple[int, float]:
+    """Wait for process ``pid``; returns (its wait status, the largest VmHWM read from /proc meanwhile, MB).
+
+    Not wait4's ru_maxrss: the kernel carries the spawning process's resident size into the child's (at exec),
+    so a bench that synthesized a checkpoint in its own process reported its own size; and the run resets its
+    high-water mark as each phase starts. Sampling the child's VmHWM, with the phases' own peaks, gives its peak."""
+    peak = 0.0
+    while True:
+        done, status, _ = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, peak
+        try:
+            status_lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            peak = max([peak] + [int(line.split()[1]) / 1024 for line in status_lines if line.startswith("VmHWM:")])
+        except (OSError, ValueError):
+            pass
+        time.sleep(every_s)
 
 
 def compare_outputs(a: Path, b: Path) -> dict:
