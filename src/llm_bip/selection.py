@@ -32,7 +32,7 @@ from .adapters import BlockView
 from .calibration import BlockGrams
 from .metrics import UnitScores
 from .options import Gqa
-from .surgery import RIDGE, augmented
+from .surgery import add_ridge, augmented
 from .units import attention_units
 
 GREEDY_STEPS = 64  # removal steps per projection at most: wider ones remove several units a step
@@ -73,8 +73,9 @@ def greedy_removal(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor
     The weight and the inverse shrink to the columns still there as units go."""
     device = gram.device
     w = weight.to(device=device, dtype=torch.float64)
+    h = gram.double().clone()
+    add_ridge(h)
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=device)
-    h = gram.double() + RIDGE * gram.diagonal().mean() * eye
     hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))
     units, prior = units.to(device), prior.to(device)
     alive = torch.arange(units.shape[0], device=device)
